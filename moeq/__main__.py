@@ -1,0 +1,5 @@
+import sys
+
+from moeq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,185 @@
+"""``moeq`` command line: quantize, eval, info, demo.
+
+User mistakes (missing files, unsupported models, bad options) end with one ``moeq: error: ...`` line and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from moeq.config import QuantConfig, parse_dtype
+from moeq.io.checkpoint import CheckpointError
+from moeq.models import UnsupportedModelError
+
+logger = logging.getLogger("moeq.cli")
+USER_ERRORS = (CheckpointError, UnsupportedModelError, ValueError, OSError)
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    from moeq.quantizers import METHODS
+
+    p.add_argument("--method", default="rtn", choices=sorted(METHODS), help="quantization method")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=128, help="input features per scale group; -1 = per-channel")
+    p.add_argument("--asym", action="store_true", help="asymmetric quantization (zero points)")
+    p.add_argument("--no-clip", action="store_true", help="disable the per-group MSE clipping search")
+    p.add_argument("--scale-dtype", default="auto", choices=["auto", "float16", "bfloat16"])
+    p.add_argument("--override", action="append", default=[], metavar="MODULE=JSON",
+                   help='per-module spec, e.g. model.layers.0.mlp.experts.down=\'{"bits": 8}\'')
+
+
+def _quant_config(args) -> QuantConfig:
+    overrides = {}
+    for item in args.override:
+        name, sep, js = item.partition("=")
+        if not sep:
+            raise ValueError(f"--override expects MODULE=JSON, got {item!r}")
+        try:
+            overrides[name] = json.loads(js)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--override {name}: invalid JSON ({exc})") from exc
+    return QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=not args.asym,
+                       w_clip=not args.no_clip, scale_dtype=args.scale_dtype, overrides=overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moeq", description=__doc__.splitlines()[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="per-module log lines")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a local MoE checkpoint")
+    q.add_argument("--model", required=True, help="local Hugging Face model directory")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    q.add_argument("--device", default="cpu")
+    _add_quant_args(q)
+
+    e = sub.add_parser("eval", help="perplexity of a (quantized) checkpoint on a local text file")
+    e.add_argument("--model", required=True)
+    e.add_argument("--ppl", required=True, metavar="FILE", help="text file")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    e.add_argument("--device", default="cpu")
+
+    i = sub.add_parser("info", help="size on disk, bits per weight, expert memory before/after")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("demo", help="quantize a tiny model end to end and check it")
+    d.add_argument("--out", default="moeq-demo")
+    d.add_argument("--device", default="cpu")
+    return ap
+
+
+def _require_dir(path: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"model directory not found: {p}")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p} has no config.json (expected a Hugging Face model directory)")
+    return p
+
+
+def cmd_quantize(args) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import moeq
+    from moeq.models import adapter_for
+
+    src = _require_dir(args.model)
+    config = _quant_config(args)
+    adapter_for(AutoConfig.from_pretrained(src))  # fail before loading any weight
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=parse_dtype(args.dtype)).to(args.device).eval()
+    report = moeq.quantize_model(model, config)
+    out = moeq.save_quantized(model, args.out, tokenizer=_maybe_tokenizer(src))
+    errs = [m.rel_error for m in report.modules]
+    print(f"quantized {len(errs)} expert stacks with {config.method} w{config.bits}g{config.group_size}: "
+          f"mean rel. weight error {sum(errs) / max(len(errs), 1):.4f}; saved to {out}")
+    return 0
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _maybe_tokenizer(path):
+    """The tokenizer saved in a local directory, or None when it has no tokenizer files (transformers would
+    otherwise build an empty default tokenizer that turns any text into zero tokens)."""
+    from transformers import AutoTokenizer
+
+    if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        logger.info("no tokenizer files in %s", path)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        logger.info("no tokenizer saved with the checkpoint (%s)", exc)
+        return None
+
+
+def _load_any(path: Path, device: str):
+    """A moeq checkpoint via load_quantized, or a plain transformers checkpoint."""
+    import moeq
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((path / "config.json").read_text())
+    if cfg.get("quantization_config", {}).get("quant_method") == "moeq":
+        return moeq.load_quantized(path, device=device)
+    return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+
+
+def cmd_eval(args) -> int:
+    from moeq.eval.perplexity import perplexity, tokenize_file
+
+    path = _require_dir(args.model)
+    tok = _maybe_tokenizer(args.tokenizer or path)
+    if tok is None:
+        raise FileNotFoundError(f"no tokenizer in {args.tokenizer or path}; pass --tokenizer DIR")
+    ids = tokenize_file(tok, args.ppl)
+    model = _load_any(path, args.device)
+    res = perplexity(model, ids, args.seqlen, max_windows=args.max_windows)
+    print(f"perplexity {res['ppl']:.4f} over {res['windows']} windows x {args.seqlen} tokens ({res['tokens']} predicted)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from moeq.io.info import checkpoint_info
+
+    info = checkpoint_info(args.dir)
+    if args.json:
+        d = dict(vars(info), bits_per_weight=info.bits_per_weight, expert_bytes_bf16=info.expert_bytes_bf16)
+        print(json.dumps(d, indent=2))
+    else:
+        print("\n".join(info.lines()))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from moeq.demo import run_demo
+
+    for line in run_demo(args.out, args.device):
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}[args.cmd]
+    try:
+        with torch.inference_mode():
+            return handler(args)
+    except USER_ERRORS as exc:
+        print(f"moeq: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Quantization configs: dataclasses serialized into ``config.json``'s ``quantization_config``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from moeq_kernels.packing import SUPPORTED_BITS
+
+QUANT_METHOD = "moeq"
+FORMAT_VERSION = 1
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How one weight stack is quantized: bit width, group size along K (-1 = per-channel), symmetry."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} not supported; choose from {SUPPORTED_BITS}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive or -1 (per-channel), got {self.group_size}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WeightSpec":
+        return cls(**{k: d[k] for k in ("bits", "group_size", "sym") if k in d})
+
+
+@dataclass
+class QuantConfig:
+    """What ``moeq.quantize_model`` does.
+
+    Attributes:
+        method: quantizer name, a key of ``moeq.quantizers.METHODS`` (``rtn``; GPTQ-family methods register
+            themselves there).
+        bits, group_size, sym: default :class:`WeightSpec` of every routed-expert projection.
+        w_clip: search a per-group clipping ratio minimizing the quantization error (MSE clip search).
+        clip_grid, clip_max_shrink, clip_norm: the search grid ``p = 1 - i / clip_grid`` for
+            ``i < clip_max_shrink * clip_grid`` and the error norm ``sum |q(w) - w| ** clip_norm``
+            (GPTQ's defaults: 100, 0.8, 2.4).
+        scale_dtype: ``auto`` (model dtype when 16-bit, else bfloat16), ``float16`` or ``bfloat16``.
+        online_hadamard: the down projections carry an online Hadamard on their input (set by rotation).
+        rotation: name of the residual-stream rotation applied before quantization, or None.
+        overrides: per-module ``WeightSpec`` fields by module name (e.g.
+            ``{"model.layers.0.mlp.experts": {"bits": 8}}``); a ``.gate_up`` / ``.down`` suffix targets one
+            projection.
+        backend: kernel backend of the quantized modules (``auto``, ``cuda``, ``triton``, ``reference``).
+    """
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    w_clip: bool = True
+    clip_grid: int = 100
+    clip_max_shrink: float = 0.8
+    clip_norm: float = 2.4
+    scale_dtype: str = "auto"
+    online_hadamard: bool = False
+    rotation: str | None = None
+    overrides: dict[str, dict] = field(default_factory=dict)
+    backend: str = "auto"
+
+    def __post_init__(self):
+        WeightSpec(self.bits, self.group_size, self.sym)  # validates
+        if self.scale_dtype not in ("auto", *_SCALE_DTYPES):
+            raise ValueError(f"scale_dtype must be auto, float16 or bfloat16, got {self.scale_dtype!r}")
+        if not 0 < self.clip_max_shrink < 1 or self.clip_grid < 1:
+            raise ValueError("clip_max_shrink must be in (0, 1) and clip_grid >= 1")
+        for name, d in self.overrides.items():
+            unknown = set(d) - {"bits", "group_size", "sym"}
+            if unknown:
+                raise ValueError(f"override for {name} has unknown keys {sorted(unknown)}")
+            WeightSpec.from_dict({**self.default_spec().to_dict(), **d})
+
+    def default_spec(self) -> WeightSpec:
+        return WeightSpec(self.bits, self.group_size, self.sym)
+
+    def spec_for(self, module_name: str, proj: str) -> WeightSpec:
+        """The spec of projection ``proj`` (``gate_up`` or ``down``) of the module ``module_name``."""
+        d = self.default_spec().to_dict()
+        d.update(self.overrides.get(module_name, {}))
+        d.update(self.overrides.get(f"{module_name}.{proj}", {}))
+        return WeightSpec.from_dict(d)
+
+    def resolve_scale_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        if self.scale_dtype != "auto":
+            return _SCALE_DTYPES[self.scale_dtype]
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(table)}")
+    return table[name]

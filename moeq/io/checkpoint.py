@@ -1,0 +1,184 @@
+"""Save and load quantized checkpoints (safetensors + ``config.json`` with a ``quantization_config``).
+
+On disk, every routed expert is stored on its own so other tools can map it::
+
+    <experts module>.<e>.gate_proj.qweight  int32 [I, H*b/32]     rows [0, I) of the fused gate_up stack
+    <experts module>.<e>.gate_proj.scales   fp16/bf16 [I, H/g]
+    <experts module>.<e>.gate_proj.qzeros   uint8 [I, H/g]         (asymmetric only)
+    <experts module>.<e>.up_proj.*          rows [I, 2I) of the fused stack
+    <experts module>.<e>.down_proj.*        int32 [H, I*b/32], [H, I/g]
+
+(packing: ``moeq_kernels.packing``). All other tensors keep their transformers names. Large checkpoints are
+sharded as ``model-XXXXX-of-YYYYY.safetensors`` with a ``model.safetensors.index.json`` weight map.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from moeq.config import FORMAT_VERSION, QUANT_METHOD, QuantConfig, WeightSpec, dtype_name, parse_dtype
+from moeq.models import MoEAdapter
+from moeq.nn.experts import QuantizedExperts
+
+logger = logging.getLogger(__name__)
+
+SAFE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PROJ_ROWS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
+FIELDS = ("qweight", "scales", "qzeros")
+
+
+class CheckpointError(ValueError):
+    """A quantized checkpoint is missing, corrupt, or inconsistent with its config."""
+
+
+def _version() -> str:
+    from moeq import __version__
+
+    return __version__
+
+
+def quantization_config_dict(model: nn.Module, adapter: MoEAdapter, config: QuantConfig) -> dict:
+    """The ``quantization_config`` entry: global settings plus each quantized module's exact specs."""
+    modules = {}
+    for idx, block in adapter.moe_layers(model):
+        ex = adapter.experts(block)
+        if isinstance(ex, QuantizedExperts):
+            modules[adapter.experts_name(idx)] = {
+                "num_experts": ex.num_experts, "hidden_dim": ex.hidden_dim, "intermediate_dim": ex.intermediate_dim,
+                "gate_up": ex.w13_spec.to_dict(), "down": ex.w2_spec.to_dict(),
+                "scale_dtype": dtype_name(ex.scale_dtype), "activation": ex.activation,
+                "online_hadamard": ex.online_hadamard,
+            }
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "moeq_version": _version(),
+            **config.to_dict(), "modules": modules}
+
+
+def _expert_tensors(name: str, mod: QuantizedExperts) -> dict[str, torch.Tensor]:
+    out = {}
+    inter = mod.intermediate_dim
+    for e in range(mod.num_experts):
+        for proj, (prefix, half) in PROJ_ROWS.items():
+            for field in FIELDS:
+                t = getattr(mod, f"{prefix}_{field}")
+                if t is None:
+                    continue
+                t = t[e] if half is None else t[e, half * inter : (half + 1) * inter]
+                out[f"{name}.{e}.{proj}.{field}"] = t.contiguous().clone()
+    return out
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor to save: per-expert packed tensors plus the rest of the state dict (tied copies dropped)."""
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedExperts)}
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in model.state_dict().items():
+        if any(key.startswith(q + ".") for q in quant):
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:  # tied weights (lm_head = embed_tokens): re-tied by tie_weights() on load
+            continue
+        seen.add(ptr)
+        out[key] = t.contiguous()
+    for name, mod in quant.items():
+        out.update(_expert_tensors(name, mod))
+    return out
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write ``config.json`` (with ``quantization_config``) and the packed safetensors to ``out_dir``."""
+    qcfg = getattr(model.config, "quantization_config", None)
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD:
+        raise ValueError("model is not quantized by moeq: call moeq.quantize_model first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = checkpoint_tensors(model)
+    shards, cur, size = [], {}, 0
+    for key, t in tensors.items():
+        nb = t.numel() * t.element_size()
+        if cur and size + nb > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[key] = t.cpu()
+        size += nb
+    shards.append(cur)
+    meta = {"format": "pt", "quant_method": QUANT_METHOD}
+    for stale in list(out.glob("model*.safetensors")) + [out / INDEX_NAME]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / SAFE_NAME), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata=meta)
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) == 1:  # record the real dtype (a model cast with .to() keeps a stale config.dtype)
+        model.config.dtype = dtypes.pop()
+    model.config.save_pretrained(out)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    logger.info("saved %d tensors in %d shard(s) to %s", len(tensors), len(shards), out)
+    return out
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict:
+    """The ``quantization_config`` of a moeq checkpoint directory; :class:`CheckpointError` if absent/corrupt."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a directory")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{p}: no config.json")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_file}: corrupt JSON ({exc})") from exc
+    q = cfg.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{cfg_file}: no moeq quantization_config (is this a quantized moeq checkpoint?)")
+    if q.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file}: format_version {q['format_version']} is newer than this moeq ({FORMAT_VERSION})")
+    return q
+
+
+def shard_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint (from the index when sharded)."""
+    p = Path(path)
+    index = p / INDEX_NAME
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: corrupt index ({exc})") from exc
+        missing = [f for f in files if not (p / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{p}: shard(s) listed in {INDEX_NAME} are missing: {missing}")
+        return [p / f for f in files]
+    if (p / SAFE_NAME).is_file():
+        return [p / SAFE_NAME]
+    raise CheckpointError(f"{p}: no {SAFE_NAME} or {INDEX_NAME}")
+
+
+def module_from_spec(spec: dict, device, backend: str) -> QuantizedExperts:
+    """An empty :class:`QuantizedExperts` on ``device`` shaped by one ``modules`` entry of the config."""
+    return QuantizedExperts(
+        spec["num_experts"], spec["hidden_dim"], spec["intermediate_dim"],
+        WeightSpec.from_dict(spec["gate_up"]), WeightSpec.from_dict(spec["down"]),
+        parse_dtype(spec["scale_dtype"]), spec.get("activation", "silu"), bool(spec.get("online_hadamard", False)),
+        backend, device=device,
+    )

@@ -1,0 +1,82 @@
+"""The moeq command line: quantize -> info -> eval on a local checkpoint, and one-line errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from moeq.cli import main
+from moeq.eval.perplexity import perplexity, windows
+from moeq.testing import tiny_model, tiny_tokenizer
+
+TEXT = "def add(a, b):\n    return a + b\n\n" * 40
+
+
+@pytest.fixture(scope="module")
+def fp_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fp")
+    tiny_model("qwen2_moe").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_quantize_info_eval(fp_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(fp_dir), "--out", str(out), "--bits", "4", "--group-size", "32",
+                 "--dtype", "float32"]) == 0
+    assert "saved to" in capsys.readouterr().out
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bits"] == 4 and abs(info["bits_per_weight"] - 4.5) < 1e-6  # 4 bits + bf16 scale per 32
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    assert main(["eval", "--model", str(out), "--ppl", str(text), "--seqlen", "64"]) == 0
+    line = capsys.readouterr().out
+    ppl = float(line.split()[1])
+    assert 1.0 < ppl < 1000 and "windows" in line
+
+
+def test_perplexity_follows_gptq_convention(fp_dir):
+    # exp(mean NLL) over non-overlapping windows == exp(mean of the model's own per-window losses)
+    model = tiny_model("qwen2_moe")
+    ids = torch.tensor(tiny_tokenizer()(TEXT)["input_ids"])
+    res = perplexity(model, ids, seqlen=32, batch_size=3)
+    with torch.no_grad():
+        losses = [float(model(w[None], labels=w[None]).loss) for w in windows(ids, 32)]
+    assert res["windows"] == len(ids) // 32 and res["tokens"] == res["windows"] * 31
+    assert math.isclose(res["ppl"], math.exp(sum(losses) / len(losses)), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["quantize", "--model", "/nonexistent", "--out", "x"], "model directory not found"),
+    (["info", "/nonexistent"], "not a directory"),
+    (["eval", "--model", "/nonexistent", "--ppl", "x.txt"], "model directory not found"),
+])
+def test_user_errors_are_one_line(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moeq: error:") and match in err and err.count("\n") == 1
+
+
+def test_unsupported_model_is_refused_before_loading(tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, vocab_size=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    assert main(["quantize", "--model", str(tmp_path), "--out", str(tmp_path / "q")]) == 2
+    assert "not supported by moeq; supported: deepseek_v2" in capsys.readouterr().err
+
+
+def test_eval_without_tokenizer_says_so(tmp_path, capsys):
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    (tmp_path / "t.txt").write_text(TEXT)
+    assert main(["eval", "--model", str(tmp_path), "--ppl", str(tmp_path / "t.txt")]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "max |diff| 0.00e+00" in out and "generate:" in out

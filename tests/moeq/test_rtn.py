@@ -1,0 +1,69 @@
+"""RTN with MSE clip search: exactness on representable weights, clip search never worse, formats."""
+
+import pytest
+import torch
+
+from moeq.config import WeightSpec
+from moeq.quantizers.rtn import rtn_quantize
+from moeq_kernels.packing import dequantize, pack
+
+
+def _err(w, p):
+    return float((p.dequantize(torch.float64) - w.double()).pow(2).sum())
+
+
+def test_asymmetric_grid_weights_are_recovered_exactly():
+    # weights on a 4-bit grid hitting both ends quantize with zero error (asymmetric: min/max map to 0/15)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (2, 8, 64), generator=gen)
+    q[..., 0], q[..., 1] = 0, 15
+    s = torch.full((2, 8, 1), 0.125, dtype=torch.float16)
+    z = torch.full((2, 8, 1), 8, dtype=torch.uint8)
+    w = dequantize(pack(q, 4), s, z, 4, 64, torch.float32)
+    p = rtn_quantize(w, WeightSpec(4, 64, False), torch.float16, w_clip=False)
+    assert _err(w, p) == 0.0
+
+
+def test_symmetric_error_is_at_most_half_a_step():
+    # without clipping, every element is within s/2 of its dequantized value (s = 2*absmax/15, GPTQ convention)
+    w = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(0))
+    p = rtn_quantize(w, WeightSpec(4, 32, True), torch.float16, w_clip=False)
+    step = p.scales.float().repeat_interleave(32, -1)
+    # 0.51, not 0.5: rounding the scale to fp16 (rel. 2**-11) moves the extreme code's value by up to 8 ulps
+    assert ((p.dequantize(torch.float32) - w).abs() <= 0.51 * step).all()
+
+
+@pytest.mark.parametrize("spec", [WeightSpec(4, 32, True), WeightSpec(4, 128, False), WeightSpec(3, 32, True),
+                                  WeightSpec(2, -1, False), WeightSpec(8, 64, True)])
+def test_clip_search_never_worse_than_minmax(spec):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 16, 128, generator=gen)
+    w[0, 0, 5] = 12.0  # an outlier the clip search should clip around
+    plain = rtn_quantize(w, spec, torch.bfloat16, w_clip=False)
+    clipped = rtn_quantize(w, spec, torch.bfloat16, w_clip=True)
+    assert _err(w, clipped) <= _err(w, plain) * (1 + 1e-6)
+    assert clipped.group_size == (128 if spec.group_size == -1 else spec.group_size)
+    assert (clipped.qzeros is None) == spec.sym
+
+
+def test_relative_error_of_w4g128_on_gaussian_weights():
+    # 4-bit g128 RTN on Gaussian weights: the relative Frobenius error is ~0.09-0.10 (measured: 0.095)
+    w = torch.randn(4, 256, 512, generator=torch.Generator().manual_seed(2))
+    p = rtn_quantize(w, WeightSpec(4, 128, True), torch.bfloat16)
+    rel = (p.dequantize(torch.float32) - w).norm() / w.norm()
+    assert 0.07 < float(rel) < 0.11
+
+
+def test_zero_group_stays_zero():
+    w = torch.zeros(1, 4, 64)
+    w[0, 1] = torch.linspace(-1, 1, 64)
+    p = rtn_quantize(w, WeightSpec(4, 32, True), torch.float16)
+    d = p.dequantize(torch.float32)
+    assert torch.equal(d[0, 0], torch.zeros(64)) and torch.isfinite(d).all()
+
+
+def test_chunking_does_not_change_results():
+    w = torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(3))
+    a = rtn_quantize(w, WeightSpec(4, 32, False), torch.bfloat16, chunk_rows=7)
+    b = rtn_quantize(w, WeightSpec(4, 32, False), torch.bfloat16, chunk_rows=4096)
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales) and torch.equal(a.qzeros, b.qzeros)
