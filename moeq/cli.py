@@ -33,6 +33,19 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-dtype", default="auto", choices=["auto", "float16", "bfloat16"])
     p.add_argument("--override", action="append", default=[], metavar="MODULE=JSON",
                    help='per-module spec, e.g. model.layers.0.mlp.experts.down=\'{"bits": 8}\'')
+    p.add_argument("--quantize-linears", nargs="*", default=[], choices=["attention", "shared_experts", "dense_mlp"],
+                   help="also quantize these linear groups (default: routed experts only)")
+    p.add_argument("--router-bits", type=int, choices=[8], default=None, help="round routers to 8 bits")
+    g = p.add_argument_group("calibration (gptq, agq)")
+    g.add_argument("--calib", metavar="FILE", help="calibration text file")
+    g.add_argument("--nsamples", type=int, default=128)
+    g.add_argument("--seqlen", type=int, default=2048)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--affinity", default="topk", choices=["topk", "softmax"], help="AGQ token weighting")
+    g.add_argument("--act-order", action="store_true")
+    g.add_argument("--damp", type=float, default=0.01)
+    g.add_argument("--fallback", default="blend", choices=["blend", "rtn"], help="few-token experts")
+    g.add_argument("--calibrate-all-experts", action="store_true")
 
 
 def _quant_config(args) -> QuantConfig:
@@ -46,7 +59,10 @@ def _quant_config(args) -> QuantConfig:
         except json.JSONDecodeError as exc:
             raise ValueError(f"--override {name}: invalid JSON ({exc})") from exc
     return QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=not args.asym,
-                       w_clip=not args.no_clip, scale_dtype=args.scale_dtype, overrides=overrides)
+                       w_clip=not args.no_clip, scale_dtype=args.scale_dtype, overrides=overrides,
+                       quantize_linears=args.quantize_linears, router_bits=args.router_bits, affinity=args.affinity,
+                       act_order=args.act_order, damp=args.damp, sparse_expert_fallback=args.fallback,
+                       calibrate_all_experts=args.calibrate_all_experts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help="local Hugging Face model directory")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--device", default="cpu", help="device the model is loaded on")
+    q.add_argument("--calib-device", default=None, help="compute device for calibration (layers move there one at a time)")
     _add_quant_args(q)
 
     e = sub.add_parser("eval", help="perplexity of a (quantized) checkpoint on a local text file")
@@ -94,12 +111,25 @@ def cmd_quantize(args) -> int:
     import moeq
     from moeq.models import adapter_for
 
+    from moeq.calib.data import random_windows, tokenize_file
+    from moeq.quantizers import get_method
+
     src = _require_dir(args.model)
     config = _quant_config(args)
     adapter_for(AutoConfig.from_pretrained(src))  # fail before loading any weight
+    tok = _maybe_tokenizer(src)
+    calib = None
+    if get_method(config.method).needs_calibration:
+        if not args.calib:
+            raise ValueError(f"--method {config.method} needs --calib FILE (a text file)")
+        if tok is None:
+            raise FileNotFoundError(f"no tokenizer in {src} to tokenize the calibration text")
+        calib = random_windows(tokenize_file(tok, args.calib), args.nsamples, args.seqlen, args.seed)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=parse_dtype(args.dtype)).to(args.device).eval()
-    report = moeq.quantize_model(model, config)
-    out = moeq.save_quantized(model, args.out, tokenizer=_maybe_tokenizer(src))
+    report = moeq.quantize_model(model, config, calib=calib, device=args.calib_device)
+    if calib is not None:
+        model.config.quantization_config["calibration"]["_samples"]["source"] = str(args.calib)
+    out = moeq.save_quantized(model, args.out, tokenizer=tok)
     errs = [m.rel_error for m in report.modules]
     print(f"quantized {len(errs)} expert stacks with {config.method} w{config.bits}g{config.group_size}: "
           f"mean rel. weight error {sum(errs) / max(len(errs), 1):.4f}; saved to {out}")
@@ -136,7 +166,8 @@ def _load_any(path: Path, device: str):
 
 
 def cmd_eval(args) -> int:
-    from moeq.eval.perplexity import perplexity, tokenize_file
+    from moeq.calib.data import tokenize_file
+    from moeq.eval.perplexity import perplexity
 
     path = _require_dir(args.model)
     tok = _maybe_tokenizer(args.tokenizer or path)

@@ -11,6 +11,7 @@ from moeq_kernels.packing import SUPPORTED_BITS
 
 QUANT_METHOD = "moeq"
 FORMAT_VERSION = 1
+LINEAR_GROUPS = ("attention", "shared_experts", "dense_mlp")
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -55,6 +56,18 @@ class QuantConfig:
             ``{"model.layers.0.mlp.experts": {"bits": 8}}``); a ``.gate_up`` / ``.down`` suffix targets one
             projection.
         backend: kernel backend of the quantized modules (``auto``, ``cuda``, ``triton``, ``reference``).
+        quantize_linears: extra linear groups to quantize besides routed experts: ``attention``,
+            ``shared_experts``, ``dense_mlp`` (dense MLPs of dense layers). Routers, shared-expert gates,
+            embeddings and lm_head are never in these groups.
+        router_bits: None keeps routers in 16-bit; 8 rounds router weights to an 8-bit per-channel grid
+            (stored in 16-bit; routers are a negligible share of memory).
+        damp, block_size, act_order: GPTQ damping (fraction of mean diag H), lazy-update block, column order
+            by decreasing diag(H) with static groups.
+        affinity: AGQ token weighting ``none`` | ``topk`` | ``softmax`` (see ``moeq.calib.capture``).
+        min_expert_tokens_frac: experts routed fewer than this fraction of a layer's calibration tokens are
+            "few-token" experts, handled by ``sparse_expert_fallback``: ``blend`` (their Hessian is topped up
+            with the all-token Hessian of the same input up to the threshold) or ``rtn``.
+        calibrate_all_experts: every expert's Hessian sees every token (routed outputs are unaffected).
     """
 
     method: str = "rtn"
@@ -70,6 +83,15 @@ class QuantConfig:
     rotation: str | None = None
     overrides: dict[str, dict] = field(default_factory=dict)
     backend: str = "auto"
+    quantize_linears: list[str] = field(default_factory=list)
+    router_bits: int | None = None
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    affinity: str = "topk"
+    min_expert_tokens_frac: float = 0.005
+    sparse_expert_fallback: str = "blend"
+    calibrate_all_experts: bool = False
 
     def __post_init__(self):
         WeightSpec(self.bits, self.group_size, self.sym)  # validates
@@ -77,6 +99,17 @@ class QuantConfig:
             raise ValueError(f"scale_dtype must be auto, float16 or bfloat16, got {self.scale_dtype!r}")
         if not 0 < self.clip_max_shrink < 1 or self.clip_grid < 1:
             raise ValueError("clip_max_shrink must be in (0, 1) and clip_grid >= 1")
+        bad = set(self.quantize_linears) - set(LINEAR_GROUPS)
+        if bad:
+            raise ValueError(f"quantize_linears has unknown groups {sorted(bad)}; choose from {LINEAR_GROUPS}")
+        if self.router_bits not in (None, 8):
+            raise ValueError(f"router_bits must be None (16-bit) or 8, got {self.router_bits}")
+        if self.affinity not in ("none", "topk", "softmax"):
+            raise ValueError(f"affinity must be none, topk or softmax, got {self.affinity!r}")
+        if self.sparse_expert_fallback not in ("blend", "rtn"):
+            raise ValueError(f"sparse_expert_fallback must be blend or rtn, got {self.sparse_expert_fallback!r}")
+        if not 0 <= self.min_expert_tokens_frac < 1 or self.damp <= 0 or self.block_size < 1:
+            raise ValueError("min_expert_tokens_frac must be in [0, 1), damp > 0, block_size >= 1")
         for name, d in self.overrides.items():
             unknown = set(d) - {"bits", "group_size", "sym"}
             if unknown:

@@ -2,52 +2,29 @@
 
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from moeq import methods  # noqa: F401  (registers the methods)
 from moeq.config import QuantConfig
 from moeq.models import MoEAdapter, adapter_for
-from moeq.nn.experts import QuantizedExperts
-from moeq.quantizers import get_method, register_method
-from moeq.quantizers.rtn import rtn_quantize
+from moeq.quantize_linear import round_router
+from moeq.quantizers import get_method
+from moeq.quantizers.report import ModuleReport, QuantReport
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModuleReport:
-    """What quantizing one weight stack did: relative weight error ``||W - Q||_F / ||W||_F``, seconds."""
-
-    name: str
-    shape: tuple[int, ...]
-    bits: int
-    group_size: int
-    rel_error: float
-    seconds: float
-    tokens: int | None = None
+__all__ = ["ModuleReport", "QuantReport", "quantize_model"]
 
 
-@dataclass
-class QuantReport:
-    modules: list[ModuleReport] = field(default_factory=list)
+def quantize_model(model: nn.Module, config: QuantConfig | None = None, calib=None, device=None) -> QuantReport:
+    """Quantize ``model`` in place with ``config.method``.
 
-    def add(self, rep: ModuleReport) -> None:
-        self.modules.append(rep)
-        tok = "" if rep.tokens is None else f" tokens={rep.tokens}"
-        logger.info("%s %s w%dg%d rel_err=%.4e%s %.2fs", rep.name, rep.shape, rep.bits, rep.group_size,
-                    rep.rel_error, tok, rep.seconds)
-
-
-def quantize_model(model: nn.Module, config: QuantConfig | None = None, calib=None) -> QuantReport:
-    """Quantize ``model``'s routed experts in place with ``config.method``.
-
-    Routers (``mlp.gate``), shared-expert gates, embeddings, lm_head, attention and shared experts stay in
-    their original precision. The model's config gains ``quantization_config`` (see :mod:`moeq.io`).
+    Args:
+        calib: calibration tokens for GPTQ-family methods: int64 ``[n, L]`` or a dict with ``input_ids [n, L]``
+            and ``attention_mask [n, L]`` (padding is masked out of every Hessian).
+        device: compute device of calibration; the model may stay on the CPU (layers move one at a time).
+    Routers (unless ``router_bits=8``), shared-expert gates, embeddings and lm_head keep their precision;
+    attention / shared experts / dense MLPs are quantized only when listed in ``config.quantize_linears``.
+    The model's config gains ``quantization_config`` (see :mod:`moeq.io`).
     Raises ``UnsupportedModelError`` for unsupported architectures and ``ValueError`` for bad configs.
     """
     config = config or QuantConfig()
@@ -57,45 +34,18 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, calib=No
     if method.needs_calibration and calib is None:
         raise ValueError(f"method {config.method!r} needs calibration data (calib=...)")
     with torch.no_grad():
-        report = method.fn(model, adapter, config, calib)
-    record_quantization(model, adapter, config)
+        if config.router_bits == 8:
+            for idx, block in adapter.moe_layers(model):
+                rel = round_router(adapter.router(block))
+                methods.logger.info("%s.%s rounded to 8 bits (rel. change %.2e)", adapter.experts_name(idx).rpartition(".")[0],
+                                    adapter.router_attr, rel)
+        report = method.fn(model, adapter, config, calib, device)
+    record_quantization(model, adapter, config, report.calibration)
     return report
 
 
-def record_quantization(model: nn.Module, adapter: MoEAdapter, config: QuantConfig) -> None:
+def record_quantization(model: nn.Module, adapter: MoEAdapter, config: QuantConfig, calibration: dict | None = None) -> None:
     """Write the ``quantization_config`` (global settings + every quantized module's specs) onto the model."""
     from moeq.io.checkpoint import quantization_config_dict
 
-    model.config.quantization_config = quantization_config_dict(model, adapter, config)
-
-
-def _rel_error(w: torch.Tensor, q: torch.Tensor) -> float:
-    w = w.detach().float()
-    return float((w - q.float()).norm() / w.norm().clamp_min(1e-30))
-
-
-def quantize_experts_rtn(name: str, experts: nn.Module, config: QuantConfig, report: QuantReport) -> QuantizedExperts:
-    """RTN of one fused experts module into a :class:`QuantizedExperts` (same device as its weights)."""
-    scale_dtype = config.resolve_scale_dtype(experts.gate_up_proj.dtype)
-    packed = {}
-    for prefix, proj, w in (("w13", "gate_up", experts.gate_up_proj), ("w2", "down", experts.down_proj)):
-        t0 = time.perf_counter()
-        spec = config.spec_for(name, proj)
-        p = rtn_quantize(w.detach(), spec, scale_dtype, config.w_clip, config.clip_grid, config.clip_max_shrink, config.clip_norm)
-        packed[prefix] = p
-        report.add(ModuleReport(f"{name}.{proj}", tuple(w.shape), spec.bits, p.group_size,
-                                _rel_error(w, p.dequantize(torch.float32)), time.perf_counter() - t0))
-    return QuantizedExperts.from_packed(packed["w13"], packed["w2"], online_hadamard=config.online_hadamard,
-                                        backend=config.backend)
-
-
-@register_method("rtn", needs_calibration=False, description="round-to-nearest, per-group MSE clip search")
-def _rtn(model: nn.Module, adapter: MoEAdapter, config: QuantConfig, calib) -> QuantReport:
-    report = QuantReport()
-    for idx, block in tqdm(adapter.moe_layers(model), desc="rtn: MoE layers", unit="layer"):
-        name = adapter.experts_name(idx)
-        experts = adapter.experts(block)
-        if isinstance(experts, QuantizedExperts):
-            raise ValueError(f"{name} is already quantized")
-        setattr(block, adapter.experts_attr, quantize_experts_rtn(name, experts, config, report))
-    return report
+    model.config.quantization_config = quantization_config_dict(model, adapter, config, calibration or {})

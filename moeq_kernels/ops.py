@@ -32,7 +32,7 @@ def dequantize(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dense ``[E, N, K]`` weight (``scales.dtype``) from a packed stack (format: ``moeq_kernels.packing``)."""
-    attrs = {"bits": bits, "group_size": group_size}
+    attrs = {"bits": bits, "group_size": group_size, "dtype": scales.dtype}
     return backends.dispatch("dequantize", qweight.device, backend, attrs, qweight, scales, qzeros, bits, group_size)
 
 

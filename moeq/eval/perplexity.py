@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,14 +42,3 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, batch_size: int
     nll = nll_sum / count
     logger.info("perplexity over %d windows of %d tokens (%d predicted): %.4f", len(wins), seqlen, count, math.exp(nll))
     return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": len(wins)}
-
-
-def tokenize_file(tokenizer, path: str | Path) -> torch.Tensor:
-    """All of a text file's tokens as one int64 ``[N]`` tensor."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"text file not found: {p}")
-    text = p.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise ValueError(f"{p} is empty")
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)

@@ -26,6 +26,7 @@ from torch import nn
 from moeq.config import FORMAT_VERSION, QUANT_METHOD, QuantConfig, WeightSpec, dtype_name, parse_dtype
 from moeq.models import MoEAdapter
 from moeq.nn.experts import QuantizedExperts
+from moeq.nn.linear import QuantizedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,13 @@ def _version() -> str:
     return __version__
 
 
-def quantization_config_dict(model: nn.Module, adapter: MoEAdapter, config: QuantConfig) -> dict:
-    """The ``quantization_config`` entry: global settings plus each quantized module's exact specs."""
+def quantization_config_dict(model: nn.Module, adapter: MoEAdapter, config: QuantConfig, calibration: dict) -> dict:
+    """The ``quantization_config`` entry: global settings, each quantized module's exact specs
+    (``modules``: experts; ``linear_modules``: plain linears) and calibration facts (token counts per expert,
+    few-token fallbacks)."""
+    linears = {n: {**m.spec.to_dict(), "group_size": m.group_size, "in_features": m.in_features,
+                   "out_features": m.out_features, "bias": m.bias is not None, "scale_dtype": dtype_name(m.scale_dtype)}
+               for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     modules = {}
     for idx, block in adapter.moe_layers(model):
         ex = adapter.experts(block)
@@ -58,7 +64,7 @@ def quantization_config_dict(model: nn.Module, adapter: MoEAdapter, config: Quan
                 "online_hadamard": ex.online_hadamard,
             }
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "moeq_version": _version(),
-            **config.to_dict(), "modules": modules}
+            **config.to_dict(), "modules": modules, "linear_modules": linears, "calibration": calibration}
 
 
 def _expert_tensors(name: str, mod: QuantizedExperts) -> dict[str, torch.Tensor]:
@@ -182,3 +188,9 @@ def module_from_spec(spec: dict, device, backend: str) -> QuantizedExperts:
         parse_dtype(spec["scale_dtype"]), spec.get("activation", "silu"), bool(spec.get("online_hadamard", False)),
         backend, device=device,
     )
+
+
+def linear_from_spec(spec: dict, device, backend: str) -> QuantizedLinear:
+    """An empty :class:`QuantizedLinear` on ``device`` shaped by one ``linear_modules`` entry."""
+    return QuantizedLinear(spec["in_features"], spec["out_features"], WeightSpec.from_dict(spec),
+                           parse_dtype(spec["scale_dtype"]), spec["bias"], backend, device=device)

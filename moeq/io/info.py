@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 

@@ -12,9 +12,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moeq.io.checkpoint import FIELDS, PROJ_ROWS, CheckpointError, module_from_spec, read_quantization_config, shard_files
+from moeq.io.checkpoint import (FIELDS, PROJ_ROWS, CheckpointError, linear_from_spec, module_from_spec,
+                                read_quantization_config, shard_files)
 from moeq.models import adapter_for
 from moeq.nn.experts import QuantizedExperts
+from moeq.quantize_linear import set_module
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +111,14 @@ def build_skeleton(path: str | os.PathLike, qcfg: dict, device, dtype, backend: 
         if attr != adapter.experts_attr:
             raise CheckpointError(f"quantization_config module {name} is not a routed-experts module of {adapter.name}")
         setattr(block, attr, module_from_spec(spec, device, backend))
+    for name, spec in qcfg.get("linear_modules", {}).items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(f"quantization_config names linear {name}, which this model does not have") from exc
+        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
+            raise CheckpointError(f"quantization_config linear {name} does not match the model's module {old}")
+        set_module(model, name, linear_from_spec(spec, device, backend))
     return model
 
 

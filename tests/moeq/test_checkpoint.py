@@ -11,7 +11,6 @@ from safetensors import safe_open
 import moeq
 from moeq.io.checkpoint import CheckpointError
 from moeq.io.info import checkpoint_info, tensor_bytes
-from moeq.nn import QuantizedExperts
 from moeq.testing import tiny_model
 
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))

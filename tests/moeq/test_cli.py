@@ -37,6 +37,24 @@ def test_quantize_info_eval(fp_dir, tmp_path, capsys):
     assert 1.0 < ppl < 1000 and "windows" in line
 
 
+@pytest.mark.parametrize("method", ["gptq", "agq"])
+def test_quantize_with_calibration_text(fp_dir, tmp_path, method):
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(fp_dir), "--out", str(out), "--method", method, "--group-size", "32",
+                 "--calib", str(text), "--nsamples", "4", "--seqlen", "32", "--quantize-linears", "attention"]) == 0
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["method"] == method and q["calibration"]["_samples"] == {"nsamples": 4, "seqlen": 32, "tokens": 128,
+                                                                      "source": str(text)}
+    assert q["linear_modules"] and sum(q["calibration"]["model.layers.0.mlp.experts"]["tokens"]) == 128 * 2
+
+
+def test_gptq_without_calibration_file_is_a_user_error(fp_dir, tmp_path, capsys):
+    assert main(["quantize", "--model", str(fp_dir), "--out", str(tmp_path), "--method", "gptq"]) == 2
+    assert "needs --calib FILE" in capsys.readouterr().err
+
+
 def test_perplexity_follows_gptq_convention(fp_dir):
     # exp(mean NLL) over non-overlapping windows == exp(mean of the model's own per-window losses)
     model = tiny_model("qwen2_moe")

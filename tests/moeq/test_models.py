@@ -1,7 +1,6 @@
 """Adapters: every supported family is recognised and its structure found; others are refused clearly."""
 
 import pytest
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import moeq

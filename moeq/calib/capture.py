@@ -1,0 +1,128 @@
+"""``CalibExperts``: stands in for a routed-experts module during calibration.
+
+It receives exactly what the experts module receives, ``hidden [T, H]`` with ``top_k_index [T, k]`` and
+``top_k_weights [T, k]`` for the same tokens in the same order, so each expert's Hessian is built from the
+tokens the router really sent to it. As a guard against the misalignment bug of the original MoEQuant code
+(inputs captured in one order, routing in another), every call re-runs the router on the hidden states it got
+and checks the selected experts agree (:class:`RoutingMisalignmentError`).
+
+Weighting of a routed token's contribution (``affinity``):
+- ``none``: 1 (plain GPTQ on the expert's tokens);
+- ``topk``: the routing weight the model multiplies the expert's output by (after top-k renormalization and
+  scaling, e.g. DeepSeek's ``routed_scaling_factor``). This is MoEQuant's AGQ affinity ``c_{t,e}``: the
+  expert's output error reaches the layer output scaled by it, so ``sum_t c_{t,e} x_t x_t^T`` weights the
+  GPTQ objective by how much each token's error matters;
+- ``softmax``: the router's full softmax probability of the expert (before top-k), a smoother variant.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeq.calib.hessian import ExpertHessians, Hessian
+
+AFFINITIES = ("none", "topk", "softmax")
+
+
+class RoutingMisalignmentError(RuntimeError):
+    """Captured expert inputs do not belong to the routing decisions they were paired with."""
+
+
+class CalibExperts(nn.Module):
+    """Eager experts that accumulate per-expert Hessians of their gate_up and/or down inputs.
+
+    Args:
+        gate_up: dense ``[E, 2I, H]`` weights used to compute the down inputs (the original weights, or the
+            dequantized quantized ones once gate_up is quantized, so down sees what it will see at inference).
+        router: the block's router (returns ``logits, weights, indices``), for the alignment check and
+            the ``softmax`` affinity.
+        collect: ``"gate_up"`` or ``"down"``.
+        all_tokens_experts: experts that also accumulate a Hessian over *all* tokens (``all_*`` attributes):
+            every expert when ``calibrate_all_experts``, else the few-token experts that get a blended Hessian.
+        track_input: also accumulate ``input_hessian``, the unweighted Hessian of every (unmasked) token's
+            input, the all-token statistics that few-token experts' gate_up Hessians are blended with.
+    The forward returns zeros: during calibration passes the layer's output is discarded (the MoE block is the
+    last sub-module of a decoder layer), so the down projection itself is skipped.
+    """
+
+    def __init__(self, gate_up: torch.Tensor, router: nn.Module, collect: str, affinity: str, act=F.silu,
+                 all_tokens_experts: set[int] | None = None, track_input: bool = False,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        if affinity not in AFFINITIES:
+            raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
+        self.gate_up, self.router, self.collect, self.affinity, self.act = gate_up, router, collect, affinity, act
+        e, two_i, h = gate_up.shape
+        dim = h if collect == "gate_up" else two_i // 2
+        self.hessians = ExpertHessians(e, dim, device)
+        self.all_tokens_experts = all_tokens_experts or set()
+        self.all_hessians = ExpertHessians(e, dim, device)
+        self.input_hessian = Hessian(h, device) if track_input else None
+        self.token_mask: torch.Tensor | None = None  # [T] 0/1 for the sample in flight (padding -> 0)
+
+    def _check_alignment(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+        logits, _, idx = self.router(hidden)
+        if not torch.equal(idx.sort(-1).values, top_k_index.sort(-1).values):
+            bad = (idx.sort(-1).values != top_k_index.sort(-1).values).any(-1).sum()
+            raise RoutingMisalignmentError(
+                f"{int(bad)} of {hidden.shape[0]} tokens reached the experts with routing that the router does "
+                f"not produce for them: expert inputs and routing are misaligned"
+            )
+        return logits
+
+    def _down_input(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up[e].to(x.dtype)).chunk(2, dim=-1)
+        return self.act(gate) * up
+
+    def _stats(self, e: int, x: torch.Tensor, w: torch.Tensor, into: ExpertHessians) -> None:
+        into.add(e, x if self.collect == "gate_up" else self._down_input(e, x), w)
+
+    @torch.no_grad()
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        logits = self._check_alignment(hidden, top_k_index)
+        mask = torch.ones(hidden.shape[0], device=hidden.device) if self.token_mask is None else self.token_mask.to(hidden.device).float()
+        probs = F.softmax(logits.float(), dim=-1)
+        if self.input_hessian is not None:
+            self.input_hessian.add(hidden, mask)
+        k = top_k_index.shape[1]
+        flat = top_k_index.reshape(-1)
+        for e in torch.unique(flat).tolist():
+            slots = (flat == e).nonzero().squeeze(-1)
+            tok = slots // k
+            if self.affinity == "none":
+                w = mask[tok]
+            elif self.affinity == "topk":
+                w = top_k_weights.reshape(-1)[slots].float() * mask[tok]
+            else:
+                w = probs[tok, e] * mask[tok]
+            self._stats(e, hidden[tok], w, self.hessians)
+        for e in self.all_tokens_experts:
+            w = mask if self.affinity == "none" else probs[:, e] * mask
+            self._stats(e, hidden, w, self.all_hessians)
+        return torch.zeros_like(hidden)
+
+
+class LinearInputs:
+    """Forward pre-hooks accumulating the input Hessian of named ``nn.Linear`` modules.
+
+    ``weights_fn()`` returns per-token weights ``[T]`` for the sample in flight (padding mask, times e.g. the
+    shared-expert sigmoid gate under AGQ) or None.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], device, weights_fn):
+        self.hessians = {n: Hessian(m.in_features, device) for n, m in modules.items()}
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+        self.weights_fn = weights_fn
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            self.hessians[name].add(x.reshape(-1, x.shape[-1]), self.weights_fn(name))
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()

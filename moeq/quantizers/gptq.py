@@ -1,0 +1,118 @@
+"""GPTQ for one weight matrix given its input Hessian, and for 3-D expert stacks with per-expert Hessians.
+
+Algorithm (Frantar et al., 2022): quantize columns left to right, spreading each column's rounding error
+over the not-yet-quantized columns with the inverse Hessian's Cholesky factor, in lazy blocks of
+``block_size`` columns. Choices made here:
+- damping ``damp * mean(diag(H))`` on the diagonal (default 0.01);
+- group parameters (scales/zeros, with the MSE clip search of ``rtn.group_params``) are computed when the
+  group's first column is reached, from the error-updated weights; with ``act_order`` the columns are
+  visited in decreasing ``diag(H)`` and the groups are *static* (computed up front from the original weights)
+  so each group keeps one scale in the packed, unpermuted format;
+- dead inputs (``H[i, i] == 0``: the feature never fired in calibration) get ``H[i, i] = 1`` and are rounded
+  like RTN. Their weights are **not** zeroed (reference GPTQ zeroes them, which destroys experts that saw few
+  or no calibration tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeq.config import WeightSpec
+from moeq.quantizers.rtn import group_params
+from moeq_kernels.packing import PackedWeight, check_pack_dims, pack
+
+
+@dataclass(frozen=True)
+class GPTQParams:
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    w_clip: bool = True
+    clip_grid: int = 100
+    clip_max_shrink: float = 0.8
+    clip_norm: float = 2.4
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp*mean(diag) I)^-1``; retries with 10x damping if not PD."""
+    k = h.shape[0]
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    mean_diag = torch.diag(h).mean().clamp_min(1e-12)
+    for attempt in range(4):
+        try:
+            lower = torch.linalg.cholesky(h + (damp * 10**attempt) * mean_diag * eye)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise RuntimeError(f"Hessian not positive definite even with damping {damp * 1000}")
+
+
+def _params(w: torch.Tensor, spec: WeightSpec, scale_dtype, p: GPTQParams):
+    """Scales/zeros of one group of columns ``w [N, g]`` -> ``[N]``, ``[N]`` or None."""
+    s, z = group_params(w.unsqueeze(1), spec, scale_dtype, p.w_clip, p.clip_grid, p.clip_max_shrink, p.clip_norm)
+    return s[:, 0], None if z is None else z[:, 0]
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: WeightSpec, scale_dtype: torch.dtype,
+                  p: GPTQParams = GPTQParams()) -> tuple[PackedWeight, float]:
+    """GPTQ of ``w [N, K]`` with input Hessian ``h [K, K]`` (proportional to ``X^T X``).
+
+    Returns the packed weight (E = 1) and the Hessian-weighted error ``tr((W - Q) H (W - Q)^T)``, i.e.
+    ``||X W^T - X Q^T||_F^2`` for ``H = X^T X`` (computed with the undamped ``H``).
+    """
+    n, k = w.shape
+    g = k if spec.group_size == -1 else spec.group_size
+    ngroups = check_pack_dims(k, spec.bits, spec.group_size)
+    maxq = (1 << spec.bits) - 1
+    w_orig = w.to(torch.float32)
+    W = w_orig.clone()
+    H = h.to(torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(H), descending=True) if p.act_order else None
+    scales = torch.empty(n, ngroups, dtype=scale_dtype, device=w.device)
+    zeros = None if spec.sym else torch.empty(n, ngroups, dtype=torch.uint8, device=w.device)
+    if p.act_order:  # static groups from the original weights, so one scale per (row, group) survives permuting
+        for gi in range(ngroups):
+            s, z = _params(W[:, gi * g : (gi + 1) * g], spec, scale_dtype, p)
+            scales[:, gi] = s
+            if zeros is not None:
+                zeros[:, gi] = z
+        W, H = W[:, perm], H[perm][:, perm]
+    hinv = _inverse_cholesky(H, p.damp)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    for i1 in range(0, k, p.block_size):
+        i2 = min(i1 + p.block_size, k)
+        W1 = W[:, i1:i2].clone()
+        err = torch.zeros_like(W1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i]) if p.act_order else i1 + i
+            if not p.act_order and col % g == 0:
+                cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                s, z = _params(cols, spec, scale_dtype, p)
+                scales[:, col // g] = s
+                if zeros is not None:
+                    zeros[:, col // g] = z
+            sf = scales[:, col // g].to(torch.float32)
+            zf = zeros[:, col // g].to(torch.float32) if zeros is not None else float(1 << (spec.bits - 1))
+            q = (torch.round(W1[:, i] / sf) + zf).clamp_(0, maxq)
+            codes[:, col] = q.to(torch.uint8)
+            e = (W1[:, i] - (q - zf) * sf) / hinv1[i, i]
+            W1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err[:, i] = e
+        W[:, i2:] -= err @ hinv[i1:i2, i2:]
+    packed = PackedWeight(pack(codes.unsqueeze(0), spec.bits), scales.unsqueeze(0),
+                          None if zeros is None else zeros.unsqueeze(0), spec.bits, g)
+    delta = packed.dequantize(torch.float32)[0] - w_orig
+    h_orig = h.to(torch.float32)
+    return packed, float(torch.einsum("nk,kl,nl->", delta, h_orig, delta))
+
+
+def stack_packed(parts: list[PackedWeight]) -> PackedWeight:
+    """Concatenate single-matrix packed weights (E = 1 each) into one ``[E, N, K]`` stack."""
+    zeros = None if parts[0].qzeros is None else torch.cat([x.qzeros for x in parts])
+    return PackedWeight(torch.cat([x.qweight for x in parts]), torch.cat([x.scales for x in parts]), zeros,
+                        parts[0].bits, parts[0].group_size)

@@ -1,0 +1,166 @@
+"""Per-decoder-layer GPTQ/AGQ: installs the calibration hooks of a stage and quantizes what they measured."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from moeq.calib.capture import CalibExperts, LinearInputs
+from moeq.calib.hessian import Hessian
+from moeq.config import QuantConfig
+from moeq.models import MoEAdapter
+from moeq.nn.experts import QuantizedExperts
+from moeq.nn.linear import QuantizedLinear
+from moeq.quantize_linear import linear_targets, set_module
+from moeq.quantizers.gptq import GPTQParams, gptq_quantize, stack_packed
+from moeq.quantizers.report import ModuleReport, rel_error
+from moeq.quantizers.rtn import rtn_quantize
+
+logger = logging.getLogger(__name__)
+
+
+class LayerQuantizer:
+    """State of one decoder layer across the two calibration stages of :func:`moeq.runner.run_sequential`."""
+
+    def __init__(self, adapter: MoEAdapter, config: QuantConfig, idx: int, layer: nn.Module, affinity: str, report, device):
+        self.adapter, self.config, self.layer, self.affinity, self.report, self.device = adapter, config, layer, affinity, report, device
+        self.prefix = f"{adapter.layers_path}.{idx}"
+        self.block = adapter.moe_block(layer)
+        self.targets = linear_targets(layer, adapter, config, self.prefix)
+        self.params = GPTQParams(config.block_size, config.damp, config.act_order, config.w_clip, config.clip_grid,
+                                 config.clip_max_shrink, config.clip_norm)
+        self.metadata: dict[str, dict] = {}
+        self.mask: torch.Tensor | None = None
+        self.shared_w: torch.Tensor | None = None
+        self._hooks: list = []
+        if self.block is not None:
+            self.name = adapter.experts_name(idx)
+            self.fp_experts = adapter.experts(self.block)
+            if isinstance(self.fp_experts, QuantizedExperts):
+                raise ValueError(f"{self.name} is already quantized")
+
+    # ---- hooks -------------------------------------------------------------------------------------------
+    def set_mask(self, mask: torch.Tensor) -> None:
+        self.mask = mask.reshape(-1)
+        if self.block is not None:
+            self.calib.token_mask = self.mask
+
+    def _linear_weights(self, name: str) -> torch.Tensor | None:
+        shared = self.block is not None and self.adapter.shared_attr and f".{self.adapter.shared_attr}." in name
+        if shared and self.shared_w is not None:
+            return self.mask * self.shared_w
+        return self.mask
+
+    def _shared_gate_hook(self, module, args):
+        gate = self.adapter.shared_gate(self.block)
+        x = args[0]
+        self.shared_w = torch.sigmoid(gate(x.reshape(-1, x.shape[-1]))).reshape(-1).float()
+
+    def begin(self, stage: int) -> None:
+        linears = {n: m for n, (m, s) in self.targets.items() if s == stage}
+        self.lin = LinearInputs(linears, self.device, self._linear_weights)
+        if self.block is None:
+            return
+        if self.affinity != "none" and self.adapter.shared_gate_attr:
+            self._hooks.append(self.block.register_forward_pre_hook(self._shared_gate_hook))
+        router = self.adapter.router(self.block)
+        e = self.fp_experts.gate_up_proj.shape[0]
+        if stage == 1:
+            all_experts = set(range(e)) if self.config.calibrate_all_experts else set()
+            self.calib = CalibExperts(self.fp_experts.gate_up_proj, router, "gate_up", self.affinity,
+                                      all_tokens_experts=all_experts, track_input=True, device=self.device)
+        else:
+            w13 = self.w13.dequantize(self.fp_experts.gate_up_proj.dtype)
+            extra = set(range(e)) if self.config.calibrate_all_experts else set(self.sparse)
+            self.calib = CalibExperts(w13, router, "down", self.affinity, all_tokens_experts=extra, device=self.device)
+        setattr(self.block, self.adapter.experts_attr, self.calib)
+
+    def end(self, stage: int) -> None:
+        self.lin.remove()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for name, (mod, s) in self.targets.items():
+            if s == stage:
+                self._quantize_linear(name, mod, self.lin.hessians[name])
+        if self.block is None:
+            return
+        setattr(self.block, self.adapter.experts_attr, self.fp_experts)
+        if stage == 1:
+            self._finish_gate_up()
+        else:
+            self._finish_down()
+
+    # ---- quantization --------------------------------------------------------------------------------------
+    def _quantize_linear(self, name: str, linear: nn.Linear, hess: Hessian) -> None:
+        t0 = time.perf_counter()
+        spec = self.config.spec_for(name, "linear")
+        w = linear.weight.detach()
+        packed, werr = gptq_quantize(w, hess.h, spec, self.config.resolve_scale_dtype(w.dtype), self.params)
+        set_module(self.layer, name[len(self.prefix) + 1 :], QuantizedLinear.from_packed(packed, linear.bias, self.config.backend))
+        self._log(name, tuple(w.shape), spec, packed, w, werr, hess.tokens, t0)
+
+    def _log(self, name, shape, spec, packed, w, werr, tokens, t0) -> None:
+        self.report.add(ModuleReport(name, shape, spec.bits, packed.group_size,
+                                     rel_error(w, packed.dequantize(torch.float32)), time.perf_counter() - t0,
+                                     tokens, werr))
+
+    def _expert_hessian(self, e: int, hess, all_hess, fallback_all: Hessian | None) -> tuple[torch.Tensor | None, str]:
+        """The Hessian GPTQ uses for expert ``e`` (None = RTN) and how it was chosen."""
+        if self.config.calibrate_all_experts:
+            return all_hess.get(e).h, "all-tokens"
+        n = self.tokens[e]
+        if e not in self.sparse:
+            return hess.get(e).h, "routed"
+        if self.config.sparse_expert_fallback == "rtn":
+            return None, "rtn"
+        # blend: top the expert's statistics up with all-token statistics to the threshold token count
+        frac = n / max(self.threshold, 1e-9)
+        base = fallback_all.mean() if fallback_all is not None else all_hess.get(e).mean()
+        own = hess.get(e).mean() if n else torch.zeros_like(base)
+        return frac * own + (1 - frac) * base, "blend"
+
+    def _quantize_stack(self, proj: str, w: torch.Tensor, hess, all_hess, fallback_all) -> "object":
+        spec = self.config.spec_for(self.name, proj)
+        scale_dtype = self.config.resolve_scale_dtype(w.dtype)
+        t0 = time.perf_counter()
+        parts, werr = [], 0.0
+        for e in range(w.shape[0]):
+            h, how = self._expert_hessian(e, hess, all_hess, fallback_all)
+            if h is None:
+                parts.append(rtn_quantize(w[e], spec, scale_dtype, self.config.w_clip, self.config.clip_grid,
+                                          self.config.clip_max_shrink, self.config.clip_norm))
+                continue
+            packed, err = gptq_quantize(w[e], h, spec, scale_dtype, self.params)
+            parts.append(packed)
+            werr += err if how == "routed" else 0.0
+        packed = stack_packed(parts)
+        self._log(f"{self.name}.{proj}", tuple(w.shape), spec, packed, w, werr, sum(self.tokens), t0)
+        return packed
+
+    def _finish_gate_up(self) -> None:
+        self.tokens = self.calib.hessians.tokens()
+        total = self.calib.input_hessian.tokens
+        self.threshold = self.config.min_expert_tokens_frac * total
+        self.sparse = [e for e, n in enumerate(self.tokens) if n < self.threshold]
+        if self.sparse:
+            logger.info("%s: %d few-token experts (< %.1f of %d tokens): %s -> %s", self.name, len(self.sparse),
+                        self.threshold, total, self.sparse, self.config.sparse_expert_fallback)
+        self.w13 = self._quantize_stack("gate_up", self.fp_experts.gate_up_proj.detach(), self.calib.hessians,
+                                        self.calib.all_hessians, self.calib.input_hessian)
+        self.metadata[self.name] = {
+            "tokens": self.tokens, "total_tokens": total, "threshold": self.threshold,
+            "fallback": self.config.sparse_expert_fallback, "fallback_experts": self.sparse,
+            "calibrate_all_experts": self.config.calibrate_all_experts, "affinity": self.affinity,
+        }
+
+    def _finish_down(self) -> None:
+        w2 = self._quantize_stack("down", self.fp_experts.down_proj.detach(), self.calib.hessians,
+                                  self.calib.all_hessians, None)
+        q = QuantizedExperts.from_packed(self.w13, w2, online_hadamard=self.config.online_hadamard,
+                                         backend=self.config.backend)
+        setattr(self.block, self.adapter.experts_attr, q)
+        self.fp_experts = None
