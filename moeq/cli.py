@@ -35,6 +35,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help='per-module spec, e.g. model.layers.0.mlp.experts.down=\'{"bits": 8}\'')
     p.add_argument("--quantize-linears", nargs="*", default=[], choices=["attention", "shared_experts", "dense_mlp"],
                    help="also quantize these linear groups (default: routed experts only)")
+    p.add_argument("--rotate", action="store_true", help="QuaRot-style Hadamard rotation + online Hadamard on expert down inputs")
+    p.add_argument("--no-online-hadamard", action="store_true", help="with --rotate: rotate the residual stream only")
     p.add_argument("--router-bits", type=int, choices=[8], default=None, help="round routers to 8 bits")
     g = p.add_argument_group("calibration (gptq, agq)")
     g.add_argument("--calib", metavar="FILE", help="calibration text file")
@@ -62,7 +64,9 @@ def _quant_config(args) -> QuantConfig:
                        w_clip=not args.no_clip, scale_dtype=args.scale_dtype, overrides=overrides,
                        quantize_linears=args.quantize_linears, router_bits=args.router_bits, affinity=args.affinity,
                        act_order=args.act_order, damp=args.damp, sparse_expert_fallback=args.fallback,
-                       calibrate_all_experts=args.calibrate_all_experts)
+                       calibrate_all_experts=args.calibrate_all_experts,
+                       rotation="hadamard" if args.rotate else None,
+                       online_hadamard=args.rotate and not args.no_online_hadamard)
 
 
 def build_parser() -> argparse.ArgumentParser:

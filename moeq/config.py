@@ -51,7 +51,8 @@ class QuantConfig:
             (GPTQ's defaults: 100, 0.8, 2.4).
         scale_dtype: ``auto`` (model dtype when 16-bit, else bfloat16), ``float16`` or ``bfloat16``.
         online_hadamard: the down projections carry an online Hadamard on their input (set by rotation).
-        rotation: name of the residual-stream rotation applied before quantization, or None.
+        rotation: residual-stream rotation applied before quantization (``hadamard``: QuaRot-style random
+            Hadamard, see ``moeq.rotation``), or None. ``rotation_seed`` seeds its random signs.
         overrides: per-module ``WeightSpec`` fields by module name (e.g.
             ``{"model.layers.0.mlp.experts": {"bits": 8}}``); a ``.gate_up`` / ``.down`` suffix targets one
             projection.
@@ -81,6 +82,7 @@ class QuantConfig:
     scale_dtype: str = "auto"
     online_hadamard: bool = False
     rotation: str | None = None
+    rotation_seed: int = 0
     overrides: dict[str, dict] = field(default_factory=dict)
     backend: str = "auto"
     quantize_linears: list[str] = field(default_factory=list)
@@ -102,6 +104,10 @@ class QuantConfig:
         bad = set(self.quantize_linears) - set(LINEAR_GROUPS)
         if bad:
             raise ValueError(f"quantize_linears has unknown groups {sorted(bad)}; choose from {LINEAR_GROUPS}")
+        if self.rotation not in (None, "hadamard"):
+            raise ValueError(f"rotation must be None or 'hadamard', got {self.rotation!r}")
+        if self.online_hadamard and self.rotation is None:
+            raise ValueError("online_hadamard needs rotation='hadamard' (the down weights must be rotated offline)")
         if self.router_bits not in (None, 8):
             raise ValueError(f"router_bits must be None (16-bit) or 8, got {self.router_bits}")
         if self.affinity not in ("none", "topk", "softmax"):

@@ -11,6 +11,7 @@ from moeq.models import MoEAdapter, adapter_for
 from moeq.quantize_linear import round_router
 from moeq.quantizers import get_method
 from moeq.quantizers.report import ModuleReport, QuantReport
+from moeq.rotation import rotate_model
 
 __all__ = ["ModuleReport", "QuantReport", "quantize_model"]
 
@@ -34,6 +35,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, calib=No
     if method.needs_calibration and calib is None:
         raise ValueError(f"method {config.method!r} needs calibration data (calib=...)")
     with torch.no_grad():
+        if config.rotation is not None:
+            rotate_model(model, adapter, config.rotation_seed, config.online_hadamard)
         if config.router_bits == 8:
             for idx, block in adapter.moe_layers(model):
                 rel = round_router(adapter.router(block))

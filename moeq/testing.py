@@ -42,7 +42,9 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
     """A randomly initialized tiny model (eval mode). Router weights are re-drawn so routing is not degenerate
     (some families initialize routers to zeros, which routes every token to the same experts)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=dtype).eval()
+    # grouped_mm (transformers' default experts path) has no float64 kernel; float64 models use the eager loop
+    kwargs = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=dtype, **kwargs).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

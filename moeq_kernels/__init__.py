@@ -1,7 +1,7 @@
 """moeq_kernels: the packed low-bit format and the ops that consume it. Knows tensors, not models."""
 
-from moeq_kernels import ops
+from moeq_kernels import hadamard, ops
 from moeq_kernels.backends import backend_for, describe
 from moeq_kernels.packing import PackedWeight, dequantize, pack, unpack
 
-__all__ = ["PackedWeight", "backend_for", "dequantize", "describe", "ops", "pack", "unpack"]
+__all__ = ["PackedWeight", "hadamard", "backend_for", "dequantize", "describe", "ops", "pack", "unpack"]

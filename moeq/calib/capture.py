@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeq.calib.hessian import ExpertHessians, Hessian
+from moeq_kernels.hadamard import hadamard_transform
 
 AFFINITIES = ("none", "topk", "softmax")
 
@@ -41,6 +42,7 @@ class CalibExperts(nn.Module):
         collect: ``"gate_up"`` or ``"down"``.
         all_tokens_experts: experts that also accumulate a Hessian over *all* tokens (``all_*`` attributes):
             every expert when ``calibrate_all_experts``, else the few-token experts that get a blended Hessian.
+        hadamard_down: the down projection has an online Hadamard, so its Hessian is of ``h H_I / sqrt(I)``.
         track_input: also accumulate ``input_hessian``, the unweighted Hessian of every (unmasked) token's
             input, the all-token statistics that few-token experts' gate_up Hessians are blended with.
     The forward returns zeros: during calibration passes the layer's output is discarded (the MoE block is the
@@ -49,11 +51,12 @@ class CalibExperts(nn.Module):
 
     def __init__(self, gate_up: torch.Tensor, router: nn.Module, collect: str, affinity: str, act=F.silu,
                  all_tokens_experts: set[int] | None = None, track_input: bool = False,
-                 device: torch.device | str = "cpu"):
+                 hadamard_down: bool = False, device: torch.device | str = "cpu"):
         super().__init__()
         if affinity not in AFFINITIES:
             raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
         self.gate_up, self.router, self.collect, self.affinity, self.act = gate_up, router, collect, affinity, act
+        self.hadamard_down = hadamard_down
         e, two_i, h = gate_up.shape
         dim = h if collect == "gate_up" else two_i // 2
         self.hessians = ExpertHessians(e, dim, device)
@@ -74,7 +77,8 @@ class CalibExperts(nn.Module):
 
     def _down_input(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up[e].to(x.dtype)).chunk(2, dim=-1)
-        return self.act(gate) * up
+        h = self.act(gate) * up
+        return hadamard_transform(h) if self.hadamard_down else h
 
     def _stats(self, e: int, x: torch.Tensor, w: torch.Tensor, into: ExpertHessians) -> None:
         into.add(e, x if self.collect == "gate_up" else self._down_input(e, x), w)

@@ -57,6 +57,10 @@ class MoEAdapter:
     lm_head_path: str = "lm_head"
     dense_layers_note: str = ""
     activations: tuple[str, ...] = field(default=("silu",))
+    # Attention linears reading the residual stream (after input_layernorm) and writing it; names absent
+    # from a module are skipped (MHA: q/k/v; DeepSeek MLA: q_proj or q_a_proj, kv_a_proj_with_mqa).
+    attn_readers: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa")
+    attn_writers: tuple[str, ...] = ("o_proj",)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.layers_path)

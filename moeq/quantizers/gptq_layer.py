@@ -75,7 +75,8 @@ class LayerQuantizer:
         else:
             w13 = self.w13.dequantize(self.fp_experts.gate_up_proj.dtype)
             extra = set(range(e)) if self.config.calibrate_all_experts else set(self.sparse)
-            self.calib = CalibExperts(w13, router, "down", self.affinity, all_tokens_experts=extra, device=self.device)
+            self.calib = CalibExperts(w13, router, "down", self.affinity, all_tokens_experts=extra,
+                                      hadamard_down=self.config.online_hadamard, device=self.device)
         setattr(self.block, self.adapter.experts_attr, self.calib)
 
     def end(self, stage: int) -> None:
