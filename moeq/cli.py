@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--json", action="store_true")
 
+    x = sub.add_parser("export", help="write a checkpoint for serving engines (compressed-tensors or gptq)")
+    x.add_argument("--format", required=True, choices=["compressed-tensors", "gptq"])
+    x.add_argument("dir")
+    x.add_argument("out")
+
     d = sub.add_parser("demo", help="quantize a tiny model end to end and check it")
     d.add_argument("--out", default="moeq-demo")
     d.add_argument("--device", default="cpu")
@@ -196,6 +201,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from moeq.io.export import export_checkpoint
+
+    out = export_checkpoint(args.dir, args.out, args.format)
+    print(f"exported {args.dir} as {args.format} to {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from moeq.demo import run_demo
 
@@ -207,7 +220,8 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handler = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}[args.cmd]
+    handler = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
+               "export": cmd_export}[args.cmd]
     try:
         with torch.inference_mode():
             return handler(args)

@@ -61,6 +61,16 @@ class MoEAdapter:
     # from a module are skipped (MHA: q/k/v; DeepSeek MLA: q_proj or q_a_proj, kv_a_proj_with_mqa).
     attn_readers: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa")
     attn_writers: tuple[str, ...] = ("o_proj",)
+    # Names in the family's original (hub) checkpoints, which serving engines load: substring renames of the
+    # transformers v5 module names, and the per-expert projection names for (gate, up, down).
+    hub_renames: tuple[tuple[str, str], ...] = ()
+    hub_expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    def hub_name(self, name: str) -> str:
+        """The original-checkpoint name of a transformers v5 tensor or module name."""
+        for old, new in self.hub_renames:
+            name = name.replace(old, new)
+        return name
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.layers_path)

@@ -8,6 +8,7 @@ MIXTRAL = register_adapter(MoEAdapter(
     name="mixtral", model_types=("mixtral",),
     num_experts_key="num_local_experts", intermediate_key="intermediate_size",
     dense_layers_note="every layer is MoE",
+    hub_renames=((".mlp.", ".block_sparse_moe."),), hub_expert_proj=("w1", "w3", "w2"),
 ))
 
 QWEN2_MOE = register_adapter(MoEAdapter(
