@@ -30,7 +30,7 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 EXT_NAME = "moeq_kernels._C"
 # Relative paths: setuptools refuses absolute source paths in some build modes.
-EXT_SOURCES = ["csrc/ops.cpp", "csrc/dequant.cu"]
+EXT_SOURCES = ["csrc/ops.cpp", "csrc/dequant.cu", "csrc/moe_decode.cu", "csrc/hadamard.cu"]
 # Ampere (sm_80 machine code also runs on 8.6 / 8.9) and Hopper. The +PTX keeps the build usable on GPUs
 # newer than Hopper (the driver compiles the PTX) at almost no build cost. Needed as an explicit default:
 # without a visible GPU (CI, build hosts) torch cannot pick an architecture and fails.
@@ -38,7 +38,7 @@ DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 # No --use_fast_math: it flushes fp32 subnormals to zero, and bf16 scales times small codes land there,
 # which would break bit-exactness with the reference (moeq_kernels.packing.dequantize).
 # The C++ standard of csrc/ops.cpp is left to torch: it must match what torch's headers need (torch 2.14's
-# use C++20 features and fail under -std=c++17). dequant.cu includes no torch header, so C++17 suffices.
+# use C++20 features and fail under -std=c++17). The .cu files include no torch header, so C++17 suffices.
 # -g0 overrides the -g that Python's sysconfig CFLAGS add: debug info for torch's headers costs compile
 # time and ~3 MB of .so for nothing we debug.
 CXX_FLAGS = ["-O3", "-g0"]

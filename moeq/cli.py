@@ -38,7 +38,12 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotate", action="store_true", help="QuaRot-style Hadamard rotation + online Hadamard on expert down inputs")
     p.add_argument("--no-online-hadamard", action="store_true", help="with --rotate: rotate the residual stream only")
     p.add_argument("--router-bits", type=int, choices=[8], default=None, help="round routers to 8 bits")
-    g = p.add_argument_group("calibration (gptq, agq)")
+    m = p.add_argument_group("mixed precision (routed experts)")
+    m.add_argument("--mixed-budget", type=float, default=None, metavar="BITS", help="average bits per expert weight")
+    m.add_argument("--mixed-levels", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"))
+    m.add_argument("--mixed-score", default="affinity", choices=["outlier", "frequency", "affinity", "block"])
+    m.add_argument("--mixed-granularity", default="expert", choices=["layer", "expert", "linear"])
+    g = p.add_argument_group("calibration (gptq, agq, mixed-precision scores)")
     g.add_argument("--calib", metavar="FILE", help="calibration text file")
     g.add_argument("--nsamples", type=int, default=128)
     g.add_argument("--seqlen", type=int, default=2048)
@@ -48,6 +53,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--damp", type=float, default=0.01)
     g.add_argument("--fallback", default="blend", choices=["blend", "rtn"], help="few-token experts")
     g.add_argument("--calibrate-all-experts", action="store_true")
+    g.add_argument("--expert-token-budget", type=int, default=None, metavar="N",
+                   help="at most N calibration tokens per routed expert Hessian (gptq, agq)")
+    g.add_argument("--smooth", action="store_true",
+                   help="EAQuant expert-aware smoothing before quantization (any method; needs --calib)")
+    g.add_argument("--smooth-alpha", type=float, default=0.5, help="smoothing migration strength in [0, 1]")
+    g.add_argument("--smooth-aggregation", default="max", choices=["max", "frequency", "router_prob"],
+                   help="how per-expert smoothing scales are combined into one per layer")
 
 
 def _quant_config(args) -> QuantConfig:
@@ -65,6 +77,8 @@ def _quant_config(args) -> QuantConfig:
                        quantize_linears=args.quantize_linears, router_bits=args.router_bits, affinity=args.affinity,
                        act_order=args.act_order, damp=args.damp, sparse_expert_fallback=args.fallback,
                        calibrate_all_experts=args.calibrate_all_experts,
+                       expert_token_budget=args.expert_token_budget, smooth=args.smooth,
+                       smooth_alpha=args.smooth_alpha, smooth_aggregation=args.smooth_aggregation,
                        rotation="hadamard" if args.rotate else None,
                        online_hadamard=args.rotate and not args.no_online_hadamard)
 
@@ -118,9 +132,8 @@ def cmd_quantize(args) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import moeq
-    from moeq.models import adapter_for
-
     from moeq.calib.data import random_windows, tokenize_file
+    from moeq.models import adapter_for
     from moeq.quantizers import get_method
 
     src = _require_dir(args.model)
@@ -128,15 +141,26 @@ def cmd_quantize(args) -> int:
     adapter_for(AutoConfig.from_pretrained(src))  # fail before loading any weight
     tok = _maybe_tokenizer(src)
     calib = None
-    if get_method(config.method).needs_calibration:
+    needs_calib = get_method(config.method).needs_calibration
+    mixed_calib = args.mixed_budget is not None and args.mixed_score != "outlier"
+    # smoothing always needs calibration text; 8-bit routers use it (KL-aligned clipping) when given
+    if needs_calib or config.smooth or mixed_calib or (config.router_bits == 8 and args.calib):
         if not args.calib:
-            raise ValueError(f"--method {config.method} needs --calib FILE (a text file)")
+            what = (f"--method {config.method}" if needs_calib else "--smooth" if config.smooth
+                    else f"--mixed-score {args.mixed_score}")
+            raise ValueError(f"{what} needs --calib FILE (a text file)")
         if tok is None:
             raise FileNotFoundError(f"no tokenizer in {src} to tokenize the calibration text")
         calib = random_windows(tokenize_file(tok, args.calib), args.nsamples, args.seqlen, args.seed)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=parse_dtype(args.dtype)).to(args.device).eval()
+    if args.mixed_budget is not None:
+        from moeq.mixed import plan_mixed_precision
+
+        plan = plan_mixed_precision(model, adapter_for(model), args.mixed_budget, args.mixed_score,
+                                    args.mixed_granularity, tuple(args.mixed_levels) if args.mixed_levels else None, calib)
+        config = QuantConfig.from_dict({**config.to_dict(), "expert_bits": plan})
     report = moeq.quantize_model(model, config, calib=calib, device=args.calib_device)
-    if calib is not None:
+    if calib is not None and "_samples" in model.config.quantization_config["calibration"]:
         model.config.quantization_config["calibration"]["_samples"]["source"] = str(args.calib)
     out = moeq.save_quantized(model, args.out, tokenizer=tok)
     errs = [m.rel_error for m in report.modules]

@@ -12,6 +12,7 @@ from moeq_kernels.packing import SUPPORTED_BITS
 QUANT_METHOD = "moeq"
 FORMAT_VERSION = 1
 LINEAR_GROUPS = ("attention", "shared_experts", "dense_mlp")
+SMOOTH_AGGREGATIONS = ("max", "frequency", "router_prob")
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -69,6 +70,16 @@ class QuantConfig:
             "few-token" experts, handled by ``sparse_expert_fallback``: ``blend`` (their Hessian is topped up
             with the all-token Hessian of the same input up to the threshold) or ``rtn``.
         calibrate_all_experts: every expert's Hessian sees every token (routed outputs are unaffected).
+        smooth: EAQuant smoothing before quantization (``moeq.smoothing``; needs ``calib`` for every method;
+            not combinable with ``rotation``, whose norm fusion undoes it). ``smooth_alpha`` is the migration
+            strength, ``smooth_aggregation`` (``max`` | ``frequency`` | ``router_prob``) how the per-expert
+            scales become the one vector folded into the post-attention norm, ``smooth_down`` also smooths
+            every expert's down-projection input.
+        router_align: with ``router_bits=8`` and calibration data, pick each router's 8-bit clipping ratio
+            minimizing the KL divergence of its top-k routing (``moeq.router_align``); without calibration data
+            routers get plain absmax rounding.
+        expert_token_budget: at most this many calibration tokens (the first routed ones) per routed expert
+            Hessian in GPTQ/AGQ; None = all.
     """
 
     method: str = "rtn"
@@ -94,6 +105,13 @@ class QuantConfig:
     min_expert_tokens_frac: float = 0.005
     sparse_expert_fallback: str = "blend"
     calibrate_all_experts: bool = False
+    expert_bits: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    smooth: bool = False
+    smooth_alpha: float = 0.5
+    smooth_aggregation: str = "max"
+    smooth_down: bool = True
+    router_align: bool = True
+    expert_token_budget: int | None = None
 
     def __post_init__(self):
         WeightSpec(self.bits, self.group_size, self.sym)  # validates
@@ -116,6 +134,18 @@ class QuantConfig:
             raise ValueError(f"sparse_expert_fallback must be blend or rtn, got {self.sparse_expert_fallback!r}")
         if not 0 <= self.min_expert_tokens_frac < 1 or self.damp <= 0 or self.block_size < 1:
             raise ValueError("min_expert_tokens_frac must be in [0, 1), damp > 0, block_size >= 1")
+        if self.smooth_aggregation not in SMOOTH_AGGREGATIONS or not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"smooth_aggregation must be one of {SMOOTH_AGGREGATIONS} and smooth_alpha in [0, 1], "
+                             f"got {self.smooth_aggregation!r}, {self.smooth_alpha}")
+        if self.smooth and self.rotation is not None:
+            raise ValueError("smooth and rotation cannot be combined: rotation folds the norms into their readers, "
+                             "which undoes smoothing's input scales; choose one")
+        if self.expert_token_budget is not None and self.expert_token_budget < 1:
+            raise ValueError(f"expert_token_budget must be None or >= 1, got {self.expert_token_budget}")
+        for name, plan in self.expert_bits.items():
+            for proj, bits in plan.items():
+                if proj not in ("gate_up", "down") or any(b not in (2, 3, 4, 8) for b in bits):
+                    raise ValueError(f"expert_bits[{name!r}][{proj!r}] must map gate_up/down to bits in 2/3/4/8")
         for name, d in self.overrides.items():
             unknown = set(d) - {"bits", "group_size", "sym"}
             if unknown:
@@ -125,12 +155,19 @@ class QuantConfig:
     def default_spec(self) -> WeightSpec:
         return WeightSpec(self.bits, self.group_size, self.sym)
 
-    def spec_for(self, module_name: str, proj: str) -> WeightSpec:
-        """The spec of projection ``proj`` (``gate_up`` or ``down``) of the module ``module_name``."""
+    def spec_for(self, module_name: str, proj: str, expert: int | None = None) -> WeightSpec:
+        """The spec of projection ``proj`` (``gate_up``, ``down`` or ``linear``) of ``module_name`` (and of one
+        expert of it, when a mixed-precision plan gives that expert its own bit width)."""
         d = self.default_spec().to_dict()
         d.update(self.overrides.get(module_name, {}))
         d.update(self.overrides.get(f"{module_name}.{proj}", {}))
+        plan = self.expert_bits.get(module_name, {}).get(proj)
+        if plan is not None and expert is not None:
+            d["bits"] = plan[expert]
         return WeightSpec.from_dict(d)
+
+    def is_mixed(self, module_name: str) -> bool:
+        return module_name in self.expert_bits
 
     def resolve_scale_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         if self.scale_dtype != "auto":

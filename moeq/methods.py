@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 from moeq.config import QuantConfig
 from moeq.models import MoEAdapter
 from moeq.nn.experts import QuantizedExperts
+from moeq.nn.mixed import MixedQuantizedExperts, build_experts
+from moeq.quantizers.gptq import unstack_packed
 from moeq.quantize_linear import linear_targets, quantize_linear_rtn, set_module
 from moeq.quantizers import register_method
 from moeq.quantizers.report import ModuleReport, QuantReport, rel_error
@@ -20,19 +22,24 @@ from moeq.quantizers.rtn import rtn_quantize
 logger = logging.getLogger("moeq.quantize")
 
 
-def quantize_experts_rtn(name: str, experts: nn.Module, config: QuantConfig, report: QuantReport) -> QuantizedExperts:
-    """RTN of one fused experts module into a :class:`QuantizedExperts` (same device as its weights)."""
+def quantize_experts_rtn(name: str, experts: nn.Module, config: QuantConfig, report: QuantReport) -> nn.Module:
+    """RTN of one fused experts module into a :class:`QuantizedExperts` (or, under a mixed-precision plan, a
+    :class:`MixedQuantizedExperts`) on the device of its weights."""
     scale_dtype = config.resolve_scale_dtype(experts.gate_up_proj.dtype)
-    packed = {}
-    for prefix, proj, w in (("w13", "gate_up", experts.gate_up_proj), ("w2", "down", experts.down_proj)):
+    parts = {}
+    for proj, w in (("gate_up", experts.gate_up_proj.detach()), ("down", experts.down_proj.detach())):
         t0 = time.perf_counter()
-        spec = config.spec_for(name, proj)
-        p = rtn_quantize(w.detach(), spec, scale_dtype, config.w_clip, config.clip_grid, config.clip_max_shrink, config.clip_norm)
-        packed[prefix] = p
-        report.add(ModuleReport(f"{name}.{proj}", tuple(w.shape), spec.bits, p.group_size,
-                                rel_error(w, p.dequantize(torch.float32)), time.perf_counter() - t0))
-    return QuantizedExperts.from_packed(packed["w13"], packed["w2"], online_hadamard=config.online_hadamard,
-                                        backend=config.backend)
+        specs = [config.spec_for(name, proj, e) for e in range(w.shape[0])]
+        if config.is_mixed(name):
+            parts[proj] = [rtn_quantize(w[e], s, scale_dtype, config.w_clip, config.clip_grid, config.clip_max_shrink,
+                                        config.clip_norm) for e, s in enumerate(specs)]
+        else:
+            p = rtn_quantize(w, specs[0], scale_dtype, config.w_clip, config.clip_grid, config.clip_max_shrink, config.clip_norm)
+            parts[proj] = unstack_packed(p)
+        deq = torch.cat([p.dequantize(torch.float32) for p in parts[proj]])
+        report.add(ModuleReport(f"{name}.{proj}", tuple(w.shape), specs[0].bits, parts[proj][0].group_size,
+                                rel_error(w, deq), time.perf_counter() - t0))
+    return build_experts(parts["gate_up"], parts["down"], config.online_hadamard, config.backend)
 
 
 @register_method("rtn", needs_calibration=False, description="round-to-nearest, per-group MSE clip search")
@@ -50,7 +57,7 @@ def _rtn(model: nn.Module, adapter: MoEAdapter, config: QuantConfig, calib, devi
         if block is None:
             continue
         experts = adapter.experts(block)
-        if isinstance(experts, QuantizedExperts):
+        if isinstance(experts, (QuantizedExperts, MixedQuantizedExperts)):
             raise ValueError(f"{adapter.experts_name(i)} is already quantized")
         setattr(block, adapter.experts_attr, quantize_experts_rtn(adapter.experts_name(i), experts, config, report))
     return report

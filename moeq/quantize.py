@@ -12,6 +12,8 @@ from moeq.quantize_linear import round_router
 from moeq.quantizers import get_method
 from moeq.quantizers.report import ModuleReport, QuantReport
 from moeq.rotation import rotate_model
+from moeq.router_align import align_routers
+from moeq.smoothing import calib_tensors, smooth_model
 
 __all__ = ["ModuleReport", "QuantReport", "quantize_model"]
 
@@ -23,6 +25,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, calib=No
         calib: calibration tokens for GPTQ-family methods: int64 ``[n, L]`` or a dict with ``input_ids [n, L]``
             and ``attention_mask [n, L]`` (padding is masked out of every Hessian).
         device: compute device of calibration; the model may stay on the CPU (layers move one at a time).
+    Order: rotation or EAQuant smoothing (``config.smooth``, needs ``calib`` for every method) -> 8-bit routers
+    (``router_bits=8``: KL-aligned clipping with ``calib``, plain absmax without) -> the method.
     Routers (unless ``router_bits=8``), shared-expert gates, embeddings and lm_head keep their precision;
     attention / shared experts / dense MLPs are quantized only when listed in ``config.quantize_linears``.
     The model's config gains ``quantization_config`` (see :mod:`moeq.io`).
@@ -34,17 +38,38 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, calib=No
     method = get_method(config.method)
     if method.needs_calibration and calib is None:
         raise ValueError(f"method {config.method!r} needs calibration data (calib=...)")
+    if config.smooth and calib is None:
+        raise ValueError("smooth=True needs calibration data (calib=...) for every method, rtn included: "
+                         "the smoothing scales come from activation statistics")
     with torch.no_grad():
         if config.rotation is not None:
             rotate_model(model, adapter, config.rotation_seed, config.online_hadamard)
-        if config.router_bits == 8:
-            for idx, block in adapter.moe_layers(model):
-                rel = round_router(adapter.router(block))
-                methods.logger.info("%s.%s rounded to 8 bits (rel. change %.2e)", adapter.experts_name(idx).rpartition(".")[0],
-                                    adapter.router_attr, rel)
+        extra = _smooth_and_round_routers(model, adapter, config, calib, device)
         report = method.fn(model, adapter, config, calib, device)
+    report.calibration.update(extra)
+    if extra and "_samples" not in report.calibration:
+        ids, mask = calib_tensors(calib)
+        report.calibration["_samples"] = {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
+                                          "tokens": int(ids.numel() if mask is None else mask.sum())}
     record_quantization(model, adapter, config, report.calibration)
     return report
+
+
+def _smooth_and_round_routers(model, adapter, config: QuantConfig, calib, device) -> dict:
+    """EAQuant smoothing (``config.smooth``) and 8-bit routers (KL-aligned with calibration data, absmax
+    without); returns their calibration metadata (``smoothing``, ``router_alignment``)."""
+    extra = {}
+    if config.smooth:
+        extra["smoothing"] = smooth_model(model, adapter, calib, config.smooth_alpha, config.smooth_aggregation,
+                                          config.smooth_down, device).to_dict()
+    if config.router_bits == 8 and config.router_align and calib is not None:
+        extra["router_alignment"] = align_routers(model, adapter, calib, device)
+    elif config.router_bits == 8:
+        for idx, block in adapter.moe_layers(model):
+            rel = round_router(adapter.router(block))
+            methods.logger.info("%s.%s rounded to 8 bits (rel. change %.2e)", adapter.experts_name(idx).rpartition(".")[0],
+                                adapter.router_attr, rel)
+    return extra
 
 
 def record_quantization(model: nn.Module, adapter: MoEAdapter, config: QuantConfig, calibration: dict | None = None) -> None:

@@ -3,13 +3,17 @@
 The extension registers its ops in the ``moeq_C`` namespace (C++: ``csrc/ops.cpp``). This module adds what
 belongs on the Python side:
 
-* the fake (shape-only) implementation of ``moeq_C::dequantize``, for FakeTensorMode / ``torch.compile``
+* the fake (shape-only) implementations of the ``moeq_C`` ops, for FakeTensorMode / ``torch.compile``
   (the C++ library names this module as its Python home, ``m.set_python_module``);
-* the ``cuda`` backend of the ``dequantize`` op in :mod:`moeq_kernels.backends`.
+* the ``cuda`` backends in :mod:`moeq_kernels.backends`: ``dequantize`` (``moeq_C::dequantize``),
+  ``fused_experts`` at decode sizes (``moeq_C::fused_experts_decode``, ``csrc/moe_decode.cu``; larger
+  ``num_tokens`` is refused so prefill goes to the Triton backend) and ``hadamard_transform``
+  (``moeq_C::hadamard_transform``, ``csrc/hadamard.cu``).
 
-The reference for every op here is :func:`moeq_kernels.packing.dequantize`; the kernel matches it bit for
-bit (``tests/kernels/test_cuda_ext.py``). So a missing or unloadable extension never changes results, only
-speed, and :func:`load` continues without it.
+References: :func:`moeq_kernels.packing.dequantize` (matched bit for bit, ``tests/kernels/test_cuda_ext.py``),
+:func:`moeq_kernels.reference.fused_experts_ref` and :func:`moeq_kernels.reference.hadamard_ref` (matched to
+rounding, ``tests/kernels/test_cuda_moe.py``). So a missing or unloadable extension never changes results,
+only speed, and :func:`load` continues without it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from functools import lru_cache
 import torch
 
 from moeq_kernels import backends
+from moeq_kernels.hadamard import hadamard_factors, supported_hadamard_size
 from moeq_kernels.packing import dequantize as dequantize_ref  # noqa: F401  (the kernel's reference)
 from moeq_kernels.packing import validate_packed
 
@@ -72,7 +77,18 @@ def _load() -> bool:
         return False
     torch.library.register_fake("moeq_C::dequantize")(_dequantize_fake)
     backends.register("dequantize", "cuda", dequantize_supports)(dequantize_cuda)
-    logger.info("moeq CUDA extension loaded from %s: cuda backend registered for dequantize", ext.__file__)
+    registered = ["dequantize"]
+    # An extension built from an older checkout lacks the newer ops: register what it has.
+    if hasattr(torch.ops.moeq_C, "fused_experts_decode"):
+        torch.library.register_fake("moeq_C::fused_experts_decode")(_fused_experts_decode_fake)
+        backends.register("fused_experts", "cuda", fused_experts_supports)(fused_experts_cuda)
+        registered.append("fused_experts (decode)")
+    if hasattr(torch.ops.moeq_C, "hadamard_transform"):
+        torch.library.register_fake("moeq_C::hadamard_transform")(_hadamard_fake)
+        backends.register("hadamard_transform", "cuda", hadamard_supports)(hadamard_cuda)
+        registered.append("hadamard_transform")
+    logger.info("moeq CUDA extension loaded from %s: cuda backend registered for %s", ext.__file__,
+                ", ".join(registered))
     return True
 
 
@@ -122,3 +138,141 @@ def dequantize_cuda(
 ) -> torch.Tensor:
     """``cuda`` backend of ``dequantize``: same signature and result as :func:`moeq_kernels.packing.dequantize`."""
     return torch.ops.moeq_C.dequantize(qweight, scales, qzeros, bits, group_size)
+
+
+# ------------------------------------------------------------------------------ fused_experts (decode)
+
+# Above this many tokens the CUDA decode kernels (one CTA row per routed slot, CUDA-core GEMV) give way to
+# the Triton backend's tensor-core path. Unmeasured: to tune on H100 (benchmarks/gpu_cuda_check.py times
+# both at T=1 and T=16).
+MAX_DECODE_TOKENS = 16
+DECODE_BITS = 4
+ACT_DTYPES = (torch.float16, torch.bfloat16)
+# csrc/hadamard.cu handles these; float64 stays on the reference backend.
+HADAMARD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@lru_cache(maxsize=None)
+def _smem_optin(index: int) -> int:
+    """Shared memory one block may opt into on CUDA device ``index`` (bytes)."""
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
+
+
+def _device_reason(device: torch.device) -> tuple[str | None, int]:
+    """(why not, device index): CUDA tensors and a GPU the build has code for."""
+    if device.type != "cuda":
+        return f"the CUDA extension runs on CUDA tensors, not {device.type}", -1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _capability(index)
+    if cap < MIN_CAPABILITY:
+        return f"GPU compute capability {cap[0]}.{cap[1]} is below {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}", index
+    return None, index
+
+
+def _group_reason(name: str, group_size: int, k: int) -> str | None:
+    """The kernel's group-size rule (csrc/moe_decode.cu, group_shift): per-channel, or 32 * 2^j dividing K."""
+    g = k if group_size == -1 else group_size
+    if g == k and k > 0:
+        return None
+    if g < 32 or g % 32 or k % g or (g // 32) & (g // 32 - 1):
+        return f"{name} group size {group_size} is not per-channel or 32 * 2^j dividing K={k}"
+    return None
+
+
+def fused_experts_supports(device: torch.device, **attrs) -> str | None:
+    """None when ``moeq_C::fused_experts_decode`` can run a ``fused_experts`` call, else why not.
+
+    ``attrs`` are those built by :func:`moeq_kernels.ops.fused_experts`. Mirrors the C++ limits
+    (``moe_decode_unsupported`` in csrc/moe_decode.cu) so dispatch falls back instead of raising.
+    """
+    if attrs.get("w13_bits") != DECODE_BITS or attrs.get("w2_bits") != DECODE_BITS:
+        return f"bits {attrs.get('w13_bits')}/{attrs.get('w2_bits')}: the CUDA decode kernel is 4-bit only"
+    dtype = attrs.get("dtype")
+    if dtype not in ACT_DTYPES:
+        return f"activation dtype {dtype} (runs float16 / bfloat16)"
+    tokens = attrs.get("num_tokens", 0)
+    if tokens > MAX_DECODE_TOKENS:
+        return f"num_tokens={tokens} is above the decode limit {MAX_DECODE_TOKENS} (prefill: triton backend)"
+    hidden, inter = attrs.get("hidden_dim", 0), attrs.get("intermediate_dim", 0)
+    if hidden <= 0 or hidden % 32 or inter <= 0 or inter % 32:
+        return f"H={hidden} and I={inter} must be positive multiples of 32"
+    for name, gs, k in (("gate_up", attrs.get("w13_group_size", -1), hidden),
+                        ("down", attrs.get("w2_group_size", -1), inter)):
+        why = _group_reason(name, gs, k)
+        if why is not None:
+            return why
+    if attrs.get("online_hadamard") and not supported_hadamard_size(inter):
+        return f"online Hadamard of I={inter}: not m * 2^k with m in {{1, 12, 20, 28, 40, 44}}"
+    why, index = _device_reason(device)
+    if why is not None:
+        return why
+    # Shared memory (csrc/moe_decode.cu: gate_up_smem, down_smem_per_slot): fp32 x / h rows plus sums.
+    optin = _smem_optin(index)
+    if hidden * 4 + hidden // 8 > optin or inter * 4 + inter // 8 + 1024 > optin:
+        return f"H={hidden} / I={inter} rows do not fit in {optin} bytes of shared memory"
+    return None
+
+
+def fused_experts_cuda(hidden, top_k_index, top_k_weights, w13_qweight, w13_scales, w13_qzeros, w2_qweight,
+                       w2_scales, w2_qzeros, w13_bits, w13_group_size, w2_bits, w2_group_size, activation,
+                       online_hadamard):
+    """``cuda`` backend of ``fused_experts``: arguments and result as
+    :func:`moeq_kernels.reference.fused_experts_ref` (``[T, H]`` in ``hidden.dtype``)."""
+    if activation != "silu":
+        raise ValueError(f"the CUDA decode kernel implements activation 'silu' only, got {activation!r}")
+    if w13_bits != DECODE_BITS or w2_bits != DECODE_BITS:
+        raise ValueError(f"the CUDA decode kernel is 4-bit only, got bits {w13_bits}/{w2_bits}")
+    return torch.ops.moeq_C.fused_experts_decode(
+        hidden, top_k_index, top_k_weights, w13_qweight, w13_scales, w13_qzeros, w2_qweight, w2_scales, w2_qzeros,
+        w13_group_size, w2_group_size, online_hadamard)
+
+
+def _fused_experts_decode_fake(hidden, top_k_index, top_k_weights, w13_qweight, w13_scales, w13_qzeros, w2_qweight,
+                               w2_scales, w2_qzeros, group_size13, group_size2, online_hadamard):
+    """Shape and dtype of ``moeq_C::fused_experts_decode``'s result (``[T, H]``, ``hidden.dtype``), with the
+    shape checks of the C++ shim that tracing can see."""
+    if hidden.dim() != 2 or hidden.dtype not in ACT_DTYPES:
+        raise ValueError(f"moeq_C::fused_experts_decode: hidden must be float16/bfloat16 [T, H], got "
+                         f"{hidden.dtype} {tuple(hidden.shape)}")
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != hidden.shape[0] or top_k_weights.shape != top_k_index.shape:
+        raise ValueError(f"moeq_C::fused_experts_decode: top_k_index / top_k_weights must be [T, k] with "
+                         f"T={hidden.shape[0]}, got {tuple(top_k_index.shape)} / {tuple(top_k_weights.shape)}")
+    hdim, inter = hidden.shape[1], w2_qweight.shape[-1] * 8
+    if w13_qweight.dim() != 3 or w13_qweight.shape[2] * 8 != hdim or w13_qweight.shape[1] != 2 * inter:
+        raise ValueError(f"moeq_C::fused_experts_decode: w13_qweight must be [E, 2I={2 * inter}, H/8={hdim // 8}], "
+                         f"got {tuple(w13_qweight.shape)}")
+    return hidden.new_empty(hidden.shape)
+
+
+# ------------------------------------------------------------------------------ hadamard_transform
+
+def hadamard_supports(device: torch.device, n: int | None = None, dtype: torch.dtype | None = None,
+                      explicit: bool = False, **attrs) -> str | None:
+    """None when ``moeq_C::hadamard_transform`` can run the call (attrs of ``moeq::hadamard_transform``)."""
+    if dtype not in HADAMARD_DTYPES:
+        return f"dtype {dtype} (runs float16 / bfloat16 / float32)"
+    try:
+        hadamard_factors(n)
+    except ValueError as exc:
+        return str(exc)
+    why, index = _device_reason(device)
+    if why is not None:
+        return why
+    optin = _smem_optin(index)
+    if n * 4 > optin:
+        return f"n={n}: a row (4 bytes per element) does not fit in {optin} bytes of shared memory"
+    return None
+
+
+def hadamard_cuda(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``cuda`` backend of ``hadamard_transform``: ``(x @ H_n) * scale`` as :func:`moeq_kernels.reference.hadamard_ref`."""
+    return torch.ops.moeq_C.hadamard_transform(x, scale)
+
+
+def _hadamard_fake(x, scale):
+    if x.dtype not in HADAMARD_DTYPES:
+        raise ValueError(f"moeq_C::hadamard_transform: x must be float32/float16/bfloat16, got {x.dtype}")
+    if isinstance(x.shape[-1], int):  # symbolic sizes are checked when the real call runs
+        hadamard_factors(x.shape[-1])
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -13,6 +13,10 @@ Weighting of a routed token's contribution (``affinity``):
   expert's output error reaches the layer output scaled by it, so ``sum_t c_{t,e} x_t x_t^T`` weights the
   GPTQ objective by how much each token's error matters;
 - ``softmax``: the router's full softmax probability of the expert (before top-k), a smoother variant.
+
+Expert token budget (``token_budget``): each expert's routed Hessian takes at most that many (unmasked) tokens,
+the first ones routed to it in calibration order (deterministic, so the gate_up and down stages see the same
+tokens), so heavily used experts do not dominate calibration cost; ``routed`` still counts every routed token.
 """
 
 from __future__ import annotations
@@ -45,13 +49,15 @@ class CalibExperts(nn.Module):
         hadamard_down: the down projection has an online Hadamard, so its Hessian is of ``h H_I / sqrt(I)``.
         track_input: also accumulate ``input_hessian``, the unweighted Hessian of every (unmasked) token's
             input, the all-token statistics that few-token experts' gate_up Hessians are blended with.
+        token_budget: at most this many routed tokens per expert in ``hessians`` (None = all); ``routed [E]``
+            counts the unmasked routed tokens, ``used [E]`` those that entered ``hessians``.
     The forward returns zeros: during calibration passes the layer's output is discarded (the MoE block is the
     last sub-module of a decoder layer), so the down projection itself is skipped.
     """
 
     def __init__(self, gate_up: torch.Tensor, router: nn.Module, collect: str, affinity: str, act=F.silu,
                  all_tokens_experts: set[int] | None = None, track_input: bool = False,
-                 hadamard_down: bool = False, device: torch.device | str = "cpu"):
+                 hadamard_down: bool = False, device: torch.device | str = "cpu", token_budget: int | None = None):
         super().__init__()
         if affinity not in AFFINITIES:
             raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
@@ -64,6 +70,8 @@ class CalibExperts(nn.Module):
         self.all_hessians = ExpertHessians(e, dim, device)
         self.input_hessian = Hessian(h, device) if track_input else None
         self.token_mask: torch.Tensor | None = None  # [T] 0/1 for the sample in flight (padding -> 0)
+        self.token_budget = token_budget
+        self.routed, self.used = [0] * e, [0] * e
 
     def _check_alignment(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         logits, _, idx = self.router(hidden)
@@ -80,6 +88,15 @@ class CalibExperts(nn.Module):
         h = self.act(gate) * up
         return hadamard_transform(h) if self.hadamard_down else h
 
+    def _within_budget(self, e: int, slots: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+        """The routing slots of expert ``e`` that enter its Hessian: unmasked, and the budget not yet spent."""
+        slots = slots[mask[slots // k] > 0]
+        self.routed[e] += slots.numel()
+        if self.token_budget is not None:
+            slots = slots[: max(self.token_budget - self.used[e], 0)]
+        self.used[e] += slots.numel()
+        return slots
+
     def _stats(self, e: int, x: torch.Tensor, w: torch.Tensor, into: ExpertHessians) -> None:
         into.add(e, x if self.collect == "gate_up" else self._down_input(e, x), w)
 
@@ -93,7 +110,9 @@ class CalibExperts(nn.Module):
         k = top_k_index.shape[1]
         flat = top_k_index.reshape(-1)
         for e in torch.unique(flat).tolist():
-            slots = (flat == e).nonzero().squeeze(-1)
+            slots = self._within_budget(e, (flat == e).nonzero().squeeze(-1), mask, k)
+            if slots.numel() == 0:
+                continue
             tok = slots // k
             if self.affinity == "none":
                 w = mask[tok]

@@ -27,6 +27,7 @@ from moeq.config import FORMAT_VERSION, QUANT_METHOD, QuantConfig, WeightSpec, d
 from moeq.models import MoEAdapter
 from moeq.nn.experts import QuantizedExperts
 from moeq.nn.linear import QuantizedLinear
+from moeq.nn.mixed import MixedQuantizedExperts, experts_modules
 
 logger = logging.getLogger(__name__)
 
@@ -56,34 +57,40 @@ def quantization_config_dict(model: nn.Module, adapter: MoEAdapter, config: Quan
     modules = {}
     for idx, block in adapter.moe_layers(model):
         ex = adapter.experts(block)
-        if isinstance(ex, QuantizedExperts):
-            modules[adapter.experts_name(idx)] = {
-                "num_experts": ex.num_experts, "hidden_dim": ex.hidden_dim, "intermediate_dim": ex.intermediate_dim,
-                "gate_up": ex.w13_spec.to_dict(), "down": ex.w2_spec.to_dict(),
-                "scale_dtype": dtype_name(ex.scale_dtype), "activation": ex.activation,
-                "online_hadamard": ex.online_hadamard,
-            }
+        if not isinstance(ex, (QuantizedExperts, MixedQuantizedExperts)):
+            continue
+        first = ex if isinstance(ex, QuantizedExperts) else ex.groups[0]
+        entry = {
+            "num_experts": ex.num_experts, "hidden_dim": ex.hidden_dim, "intermediate_dim": ex.intermediate_dim,
+            "gate_up": first.w13_spec.to_dict(), "down": first.w2_spec.to_dict(),
+            "scale_dtype": dtype_name(ex.scale_dtype), "activation": ex.activation,
+            "online_hadamard": ex.online_hadamard,
+        }
+        if isinstance(ex, MixedQuantizedExperts):
+            entry["expert_specs"] = [[a.to_dict(), b.to_dict()] for a, b in ex.expert_specs()]
+        modules[adapter.experts_name(idx)] = entry
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "moeq_version": _version(),
             **config.to_dict(), "modules": modules, "linear_modules": linears, "calibration": calibration}
 
 
-def _expert_tensors(name: str, mod: QuantizedExperts) -> dict[str, torch.Tensor]:
+def _expert_tensors(name: str, mod: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     inter = mod.intermediate_dim
     for e in range(mod.num_experts):
+        grp, le = mod.locate(e)
         for proj, (prefix, half) in PROJ_ROWS.items():
             for field in FIELDS:
-                t = getattr(mod, f"{prefix}_{field}")
+                t = getattr(grp, f"{prefix}_{field}")
                 if t is None:
                     continue
-                t = t[e] if half is None else t[e, half * inter : (half + 1) * inter]
+                t = t[le] if half is None else t[le, half * inter : (half + 1) * inter]
                 out[f"{name}.{e}.{proj}.{field}"] = t.contiguous().clone()
     return out
 
 
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor to save: per-expert packed tensors plus the rest of the state dict (tied copies dropped)."""
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedExperts)}
+    quant = experts_modules(model)
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, t in model.state_dict().items():
@@ -180,14 +187,21 @@ def shard_files(path: str | os.PathLike) -> list[Path]:
     raise CheckpointError(f"{p}: no {SAFE_NAME} or {INDEX_NAME}")
 
 
-def module_from_spec(spec: dict, device, backend: str) -> QuantizedExperts:
-    """An empty :class:`QuantizedExperts` on ``device`` shaped by one ``modules`` entry of the config."""
-    return QuantizedExperts(
-        spec["num_experts"], spec["hidden_dim"], spec["intermediate_dim"],
-        WeightSpec.from_dict(spec["gate_up"]), WeightSpec.from_dict(spec["down"]),
-        parse_dtype(spec["scale_dtype"]), spec.get("activation", "silu"), bool(spec.get("online_hadamard", False)),
-        backend, device=device,
-    )
+def module_from_spec(spec: dict, device, backend: str) -> nn.Module:
+    """An empty :class:`QuantizedExperts` (or :class:`MixedQuantizedExperts` when the entry lists per-expert
+    specs) on ``device`` shaped by one ``modules`` entry of the config."""
+    per_expert = spec.get("expert_specs") or [[spec["gate_up"], spec["down"]]] * spec["num_experts"]
+    schemes: dict[str, list[int]] = {}
+    for e, pair in enumerate(per_expert):
+        schemes.setdefault(json.dumps(pair, sort_keys=True), []).append(e)
+    groups = []
+    for key, members in schemes.items():
+        a, b = json.loads(key)
+        groups.append(QuantizedExperts(
+            len(members), spec["hidden_dim"], spec["intermediate_dim"], WeightSpec.from_dict(a), WeightSpec.from_dict(b),
+            parse_dtype(spec["scale_dtype"]), spec.get("activation", "silu"), bool(spec.get("online_hadamard", False)),
+            backend, device=device))
+    return groups[0] if len(groups) == 1 else MixedQuantizedExperts(list(schemes.values()), groups)
 
 
 def linear_from_spec(spec: dict, device, backend: str) -> QuantizedLinear:

@@ -50,6 +50,8 @@ def _schemes(q: dict, fmt: str) -> dict[str, dict]:
     """Quantized module name (per projection for experts) -> scheme dict; refuses what ``fmt`` cannot hold."""
     out = {}
     for name, m in q["modules"].items():
+        if len({json.dumps(x, sort_keys=True) for x in m.get("expert_specs", [])}) > 1:
+            raise ExportError(f"{name}: per-expert mixed bit widths cannot be expressed in {fmt} (one scheme per layer)")
         if m.get("online_hadamard"):
             raise ExportError(f"{name}: online Hadamard on the down projection cannot be expressed in {fmt}; "
                               "quantize with --rotate --no-online-hadamard to export")

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from moeq.io.checkpoint import (FIELDS, PROJ_ROWS, CheckpointError, linear_from_spec, module_from_spec,
                                 read_quantization_config, shard_files)
 from moeq.models import adapter_for
-from moeq.nn.experts import QuantizedExperts
+from moeq.nn.mixed import experts_modules
 from moeq.quantize_linear import set_module
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def params_on_meta():
         nn.Module.register_parameter = original
 
 
-def _split_expert_key(key: str, quant: dict[str, QuantizedExperts]):
+def _split_expert_key(key: str, quant: dict[str, nn.Module]):
     """``(module name, expert, proj, field)`` for a per-expert key of a quantized module, else None."""
     parts = key.rsplit(".", 3)
     if len(parts) != 4 or parts[0] not in quant or parts[2] not in PROJ_ROWS or parts[3] not in FIELDS:
@@ -50,15 +50,16 @@ def _split_expert_key(key: str, quant: dict[str, QuantizedExperts]):
     return parts[0], int(parts[1]), parts[2], parts[3]
 
 
-def _load_expert_tensor(mod: QuantizedExperts, key: str, e: int, proj: str, field: str, t: torch.Tensor) -> None:
+def _load_expert_tensor(mod: nn.Module, key: str, e: int, proj: str, field: str, t: torch.Tensor) -> None:
     prefix, half = PROJ_ROWS[proj]
-    dst = getattr(mod, f"{prefix}_{field}")
-    if dst is None:
-        raise CheckpointError(f"{key}: zero points stored for a symmetric module")
     if e >= mod.num_experts:
         raise CheckpointError(f"{key}: expert {e} out of range (num_experts={mod.num_experts})")
+    grp, le = mod.locate(e)
+    dst = getattr(grp, f"{prefix}_{field}")
+    if dst is None:
+        raise CheckpointError(f"{key}: zero points stored for a symmetric module")
     inter = mod.intermediate_dim
-    view = dst[e] if half is None else dst[e, half * inter : (half + 1) * inter]
+    view = dst[le] if half is None else dst[le, half * inter : (half + 1) * inter]
     if view.shape != t.shape or view.dtype != t.dtype:
         raise CheckpointError(f"{key}: stored {t.dtype} {tuple(t.shape)}, expected {view.dtype} {tuple(view.shape)}")
     view.copy_(t)
@@ -84,12 +85,13 @@ def _assign(model: nn.Module, key: str, t: torch.Tensor) -> None:
         raise CheckpointError(f"{key}: the model has no parameter or buffer of that name")
 
 
-def _expected_expert_keys(quant: dict[str, QuantizedExperts]) -> set[str]:
+def _expected_expert_keys(quant: dict[str, nn.Module]) -> set[str]:
     keys = set()
     for name, mod in quant.items():
         for e in range(mod.num_experts):
+            grp, _ = mod.locate(e)
             for proj, (prefix, _) in PROJ_ROWS.items():
-                keys.update(f"{name}.{e}.{proj}.{f}" for f in FIELDS if getattr(mod, f"{prefix}_{f}") is not None)
+                keys.update(f"{name}.{e}.{proj}.{f}" for f in FIELDS if getattr(grp, f"{prefix}_{f}") is not None)
     return keys
 
 
@@ -136,7 +138,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     files = shard_files(path)
     device = torch.device(device)
     model = build_skeleton(path, qcfg, device, dtype, backend or qcfg.get("backend", "auto"))
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedExperts)}
+    quant = experts_modules(model)
     want = _expected_expert_keys(quant)
     got: set[str] = set()
     for f in files:

@@ -136,7 +136,7 @@ class MoEAdapter:
 
 
 def _is_quantized(module: nn.Module) -> bool:
-    return hasattr(module, "w13_qweight")
+    return hasattr(module, "locate")  # QuantizedExperts / MixedQuantizedExperts
 
 
 def _get(root: nn.Module, path: str):

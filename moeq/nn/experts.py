@@ -93,6 +93,10 @@ class QuantizedExperts(nn.Module):
             spec.bits, self.group_size(prefix),
         )
 
+    def locate(self, e: int) -> tuple["QuantizedExperts", int]:
+        """The module holding expert ``e`` and its index there (itself; see ``MixedQuantizedExperts``)."""
+        return self, e
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if hidden_states.dim() != 2 or hidden_states.shape[-1] != self.hidden_dim:
             raise ValueError(f"hidden_states must be [T, {self.hidden_dim}], got {tuple(hidden_states.shape)}")

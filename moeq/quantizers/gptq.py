@@ -116,3 +116,9 @@ def stack_packed(parts: list[PackedWeight]) -> PackedWeight:
     zeros = None if parts[0].qzeros is None else torch.cat([x.qzeros for x in parts])
     return PackedWeight(torch.cat([x.qweight for x in parts]), torch.cat([x.scales for x in parts]), zeros,
                         parts[0].bits, parts[0].group_size)
+
+
+def unstack_packed(p: PackedWeight) -> list[PackedWeight]:
+    """Split an ``[E, N, K]`` stack into E single-matrix stacks (views)."""
+    return [PackedWeight(p.qweight[e : e + 1], p.scales[e : e + 1], None if p.qzeros is None else p.qzeros[e : e + 1],
+                         p.bits, p.group_size) for e in range(p.qweight.shape[0])]

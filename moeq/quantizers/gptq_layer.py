@@ -15,7 +15,8 @@ from moeq.models import MoEAdapter
 from moeq.nn.experts import QuantizedExperts
 from moeq.nn.linear import QuantizedLinear
 from moeq.quantize_linear import linear_targets, set_module
-from moeq.quantizers.gptq import GPTQParams, gptq_quantize, stack_packed
+from moeq.nn.mixed import MixedQuantizedExperts, build_experts
+from moeq.quantizers.gptq import GPTQParams, gptq_quantize
 from moeq.quantizers.report import ModuleReport, rel_error
 from moeq.quantizers.rtn import rtn_quantize
 
@@ -39,7 +40,7 @@ class LayerQuantizer:
         if self.block is not None:
             self.name = adapter.experts_name(idx)
             self.fp_experts = adapter.experts(self.block)
-            if isinstance(self.fp_experts, QuantizedExperts):
+            if isinstance(self.fp_experts, (QuantizedExperts, MixedQuantizedExperts)):
                 raise ValueError(f"{self.name} is already quantized")
 
     # ---- hooks -------------------------------------------------------------------------------------------
@@ -71,12 +72,14 @@ class LayerQuantizer:
         if stage == 1:
             all_experts = set(range(e)) if self.config.calibrate_all_experts else set()
             self.calib = CalibExperts(self.fp_experts.gate_up_proj, router, "gate_up", self.affinity,
-                                      all_tokens_experts=all_experts, track_input=True, device=self.device)
+                                      all_tokens_experts=all_experts, track_input=True, device=self.device,
+                                      token_budget=self.config.expert_token_budget)
         else:
-            w13 = self.w13.dequantize(self.fp_experts.gate_up_proj.dtype)
+            w13 = torch.cat([p.dequantize(self.fp_experts.gate_up_proj.dtype) for p in self.w13])
             extra = set(range(e)) if self.config.calibrate_all_experts else set(self.sparse)
             self.calib = CalibExperts(w13, router, "down", self.affinity, all_tokens_experts=extra,
-                                      hadamard_down=self.config.online_hadamard, device=self.device)
+                                      hadamard_down=self.config.online_hadamard, device=self.device,
+                                      token_budget=self.config.expert_token_budget)
         setattr(self.block, self.adapter.experts_attr, self.calib)
 
     def end(self, stage: int) -> None:
@@ -124,12 +127,13 @@ class LayerQuantizer:
         own = hess.get(e).mean() if n else torch.zeros_like(base)
         return frac * own + (1 - frac) * base, "blend"
 
-    def _quantize_stack(self, proj: str, w: torch.Tensor, hess, all_hess, fallback_all) -> "object":
-        spec = self.config.spec_for(self.name, proj)
+    def _quantize_stack(self, proj: str, w: torch.Tensor, hess, all_hess, fallback_all) -> list:
+        """Per-expert packed weights (``[1, N, ...]`` each) of one projection of the routed experts."""
         scale_dtype = self.config.resolve_scale_dtype(w.dtype)
         t0 = time.perf_counter()
         parts, werr = [], 0.0
         for e in range(w.shape[0]):
+            spec = self.config.spec_for(self.name, proj, e)
             h, how = self._expert_hessian(e, hess, all_hess, fallback_all)
             if h is None:
                 parts.append(rtn_quantize(w[e], spec, scale_dtype, self.config.w_clip, self.config.clip_grid,
@@ -138,12 +142,13 @@ class LayerQuantizer:
             packed, err = gptq_quantize(w[e], h, spec, scale_dtype, self.params)
             parts.append(packed)
             werr += err if how == "routed" else 0.0
-        packed = stack_packed(parts)
-        self._log(f"{self.name}.{proj}", tuple(w.shape), spec, packed, w, werr, sum(self.tokens), t0)
-        return packed
+        deq = torch.cat([p.dequantize(torch.float32) for p in parts])
+        self.report.add(ModuleReport(f"{self.name}.{proj}", tuple(w.shape), parts[0].bits, parts[0].group_size,
+                                     rel_error(w, deq), time.perf_counter() - t0, sum(self.tokens), werr))
+        return parts
 
     def _finish_gate_up(self) -> None:
-        self.tokens = self.calib.hessians.tokens()
+        self.tokens = list(self.calib.routed)  # routed tokens, before any expert_token_budget
         total = self.calib.input_hessian.tokens
         self.threshold = self.config.min_expert_tokens_frac * total
         self.sparse = [e for e, n in enumerate(self.tokens) if n < self.threshold]
@@ -156,12 +161,12 @@ class LayerQuantizer:
             "tokens": self.tokens, "total_tokens": total, "threshold": self.threshold,
             "fallback": self.config.sparse_expert_fallback, "fallback_experts": self.sparse,
             "calibrate_all_experts": self.config.calibrate_all_experts, "affinity": self.affinity,
+            "token_budget": self.config.expert_token_budget, "tokens_used": list(self.calib.used),
         }
 
     def _finish_down(self) -> None:
         w2 = self._quantize_stack("down", self.fp_experts.down_proj.detach(), self.calib.hessians,
                                   self.calib.all_hessians, None)
-        q = QuantizedExperts.from_packed(self.w13, w2, online_hadamard=self.config.online_hadamard,
-                                         backend=self.config.backend)
+        q = build_experts(self.w13, w2, self.config.online_hadamard, self.config.backend)
         setattr(self.block, self.adapter.experts_attr, q)
         self.fp_experts = None

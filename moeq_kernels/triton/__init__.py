@@ -1,0 +1,63 @@
+"""Triton implementations of moeq_kernels ops; registered as the ``triton`` backend by :func:`register_all`.
+
+Modules: :mod:`.moe_gemm` (``fused_experts_triton``, the entry point), :mod:`.moe_decode` (slot/GEMV path),
+:mod:`.moe_prefill` (grouped ``tl.dot`` path), :mod:`.moe_align` (routing sort, custom op
+``moeq::moe_align``), :mod:`.moe_hadamard` (online Hadamard), :mod:`.moe_tiles` (dequant helpers),
+:mod:`.configs` (launch configs, pinning, JSON table).
+
+The kernel modules are imported lazily, at the first call: ``triton.jit`` decides at definition time
+whether a kernel is compiled or interpreted (``TRITON_INTERPRET=1``), so importing them as a side effect of
+``import moeq_kernels`` would freeze that choice before a test can set the variable.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moeq_kernels import backends
+from moeq_kernels.triton.configs import fit_block_k, plan_reason
+
+_KERNEL_BITS = (4, 8)
+_ACT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _group(k: int, group_size: int) -> int:
+    return k if group_size == -1 else group_size
+
+
+def fused_experts_supports(device: torch.device, **attrs) -> str | None:
+    """None when the Triton kernels can run a ``fused_experts`` call with these attributes, else why not.
+
+    ``attrs`` are those built by ``moeq_kernels.ops.fused_experts`` (bits, group sizes, hidden and
+    intermediate dims, dtype, online_hadamard, ...).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton kernels need CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs them on CPU)"
+    for name in ("w13_bits", "w2_bits"):
+        if attrs.get(name) not in _KERNEL_BITS:
+            return f"{name}={attrs.get(name)} not in {_KERNEL_BITS}"
+    if attrs.get("dtype") not in _ACT_DTYPES:
+        return f"activation dtype {attrs.get('dtype')} is not float16/bfloat16"
+    hidden, inter = attrs.get("hidden_dim", 0), attrs.get("intermediate_dim", 0)
+    for what, k, gs in (("gate_up", hidden, attrs.get("w13_group_size", -1)),
+                        ("down", inter, attrs.get("w2_group_size", -1))):
+        g = _group(k, gs)
+        if k <= 0 or g <= 0 or k % g or fit_block_k(512, k, g) is None:
+            return f"{what}: K={k} with group size {gs} has no K tile (needs K a multiple of 16 and groups aligned)"
+    if attrs.get("online_hadamard"):
+        return plan_reason(inter)
+    return None
+
+
+def _fused_experts(*args):
+    from moeq_kernels.triton.moe_gemm import fused_experts_triton
+
+    return fused_experts_triton(*args)
+
+
+def register_all() -> None:
+    """Register every Triton implementation with :mod:`moeq_kernels.backends` (kernels load lazily)."""
+    backends.register("fused_experts", "triton", fused_experts_supports)(_fused_experts)

@@ -1,0 +1,123 @@
+"""Online Hadamard on the down-projection input: an in-place row rotation between gate_up and down.
+
+``rotate_rows_(h)`` replaces every row of ``h [rows, n]`` (fp16/bf16, contiguous) by ``h @ H_n / sqrt(n)``,
+the transform of :func:`moeq_kernels.reference.hadamard.hadamard_ref` (``H_n = H_m (x) H_{2^k}``,
+base-m index major, from :mod:`moeq_kernels.hadamard`).
+
+Where it runs, and why not inside the down GEMM: the Hadamard mixes the whole intermediate row, while
+every down program (a ``BLOCK_N`` slice of H outputs) walks K = I tile by tile. Applying it in the down
+prologue means each of the ``H / BLOCK_N`` programs (128-512 of them) recomputes the full-row transform of
+the same rows, and it still needs the rotated row as K tiles, which Triton cannot slice out of registers.
+So the rotation is its own small launch that rewrites ``h`` in place: the rotated activation never takes a
+separate buffer, and the traffic is one extra read+write of ``h`` — ``T*k*I*2`` bytes, L2-resident at decode
+(57 KB for Mixtral at T=1) and ~2% of the GEMM bytes at prefill. Its price at decode is one launch gap
+(~2-4 us under CUDA graphs, estimated; the lead measures it with ``gpu_kernels_check.py``, which times
+every shape with and without the rotation).
+
+Kernel: one program per row. The row is viewed as ``X [R, C]`` (``x[r*C + c] = X[r, c]``) with ``C`` a
+power of two dividing the 2^k part, so ``H_n = H_R (x) H_C`` and ``x @ H_n = vec(H_R^T X H_C)``: two
+``tl.dot`` with +-1 matrices (``H_C`` generated in registers, ``H_R`` read from a cached matrix), both
+axes zero-padded to powers of two >= 16. ``C`` minimizes the padded ``R + C`` (the flops per element):
+Mixtral 14336 -> 112 x 128, Qwen3 768 -> 24 x 32, DeepSeek-V2-Lite 1408 -> 44 x 32, OLMoE 1024 -> 32 x 32.
+
+Precision: the +-1 matrices are exact in bf16; fp32 operands are split into bf16 terms (``hi``,
+``lo = bf16(x - hi)``), so each dot is exact to ~2^-16 relative and accumulates in fp32 — far under the
+fp16/bf16 output rounding. Under the interpreter (bf16 dots are wrong there) operands stay fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from moeq_kernels.triton.configs import rotation_plan
+
+
+@functools.lru_cache(maxsize=32)
+def _row_factor(n: int, device: torch.device) -> torch.Tensor:
+    """``H_R`` zero-padded to fp32 ``[r_pad, r_pad]`` on ``device`` (built once per size and device;
+    the first call must happen outside CUDA-graph capture, e.g. in a warm-up run)."""
+    from moeq_kernels.hadamard import hadamard_matrix
+
+    plan = rotation_plan(n)
+    out = torch.zeros(plan.r_pad, plan.r_pad, dtype=torch.float32)
+    out[: plan.r, : plan.r] = hadamard_matrix(plan.r, torch.float32)
+    return out.to(device)
+
+
+@triton.jit
+def _sylvester(C: tl.constexpr, C_PAD: tl.constexpr, DTYPE: tl.constexpr):
+    """``H_C[i, j] = (-1)^popcount(i & j)`` zero-padded to ``[C_PAD, C_PAD]`` (C_PAD <= 2^10)."""
+    i = tl.arange(0, C_PAD)[:, None]
+    j = tl.arange(0, C_PAD)[None, :]
+    b = i & j
+    b = b ^ (b >> 8)
+    b = b ^ (b >> 4)
+    b = b ^ (b >> 2)
+    b = b ^ (b >> 1)
+    return tl.where((i < C) & (j < C), tl.where((b & 1) == 0, 1.0, -1.0), 0.0).to(DTYPE)
+
+
+@triton.jit
+def _split_dot(x, hm, SPLITS: tl.constexpr):
+    """fp32 ``x [M, K] @ hm [K, N]`` (``hm`` +-1/0): ``SPLITS`` bf16 terms of ``x``; 0 = fp32 ieee dot."""
+    if SPLITS == 0:
+        return tl.dot(x, hm, input_precision="ieee")
+    hi = x.to(tl.bfloat16)
+    acc = tl.dot(hi, hm)
+    if SPLITS > 1:
+        acc = tl.dot((x - hi.to(tl.float32)).to(tl.bfloat16), hm, acc)
+    return acc
+
+
+@triton.jit
+def _rotate_rows_kernel(h_ptr, hr_ptr, ids_ptr, N, E, scale,
+                        R: tl.constexpr, C: tl.constexpr, R_PAD: tl.constexpr, C_PAD: tl.constexpr,
+                        SPLITS_IN: tl.constexpr, SPLITS_MID: tl.constexpr, HAS_IDS: tl.constexpr):
+    # The whole row is read into registers before anything is stored, so rotating in place is safe.
+    DTYPE: tl.constexpr = tl.float32 if SPLITS_IN == 0 else tl.bfloat16
+    if HAS_IDS:
+        e = tl.load(ids_ptr + tl.program_id(0))
+        if (e < 0) | (e >= E):
+            return  # a sentinel slot's row was never written: nothing to rotate
+    r = tl.arange(0, R_PAD)
+    c = tl.arange(0, C_PAD)
+    row = h_ptr + tl.program_id(0).to(tl.int64) * N
+    mask = (r < R)[:, None] & (c < C)[None, :]
+    x = tl.load(row + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = _split_dot(x, _sylvester(C, C_PAD, DTYPE), SPLITS_IN)  # X @ H_C, [R_PAD, C_PAD]
+    hr = tl.load(hr_ptr + r[:, None] * R_PAD + r[None, :]).to(DTYPE)
+    zt = _split_dot(tl.trans(y), hr, SPLITS_MID)  # (H_R^T X H_C)^T, [C_PAD, R_PAD]
+    out = (zt * scale).to(h_ptr.dtype.element_ty)
+    tl.store(row + r[None, :] * C + c[:, None], out, mask=tl.trans(mask))
+
+
+def rotate_rows_(h: torch.Tensor, exact_dots: bool, num_warps: int = 0,
+                 ids: torch.Tensor | None = None, num_experts: int = 0) -> torch.Tensor:
+    """Rotate every row of ``h`` (fp16/bf16 ``[rows, n]``, contiguous) in place; returns ``h``.
+
+    Args:
+        exact_dots: fp32 "ieee" dots (the interpreter); otherwise bf16-split tensor-core dots.
+        num_warps: 0 picks 4, or 8 for tiles above 4K values (unmeasured, to tune on H100).
+        ids: optional int ``[rows]`` expert id per row (the slots' ``top_k_index``); rows whose id is
+            outside ``[0, num_experts)`` are skipped (their contents are garbage, never read).
+    """
+    rows, n = h.shape
+    if rows == 0:
+        return h
+    plan = rotation_plan(n)
+    if exact_dots:
+        splits_in, splits_mid = 0, 0
+    else:
+        # A bf16 row is exact in one bf16 term; fp16 needs two (11 significant bits > bf16's 8).
+        splits_in, splits_mid = (1 if h.dtype == torch.bfloat16 else 2), 2
+    warps = num_warps or (8 if plan.r_pad * plan.c_pad > 4096 else 4)
+    _rotate_rows_kernel[(rows,)](h, _row_factor(n, h.device), h if ids is None else ids, n, num_experts,
+                                 1.0 / math.sqrt(n), R=plan.r, C=plan.c, R_PAD=plan.r_pad, C_PAD=plan.c_pad,
+                                 SPLITS_IN=splits_in, SPLITS_MID=splits_mid, HAS_IDS=ids is not None,
+                                 num_warps=warps)
+    return h
