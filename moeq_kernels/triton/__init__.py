@@ -34,8 +34,14 @@ def fused_experts_supports(device: torch.device, **attrs) -> str | None:
     intermediate dims, dtype, online_hadamard, ...).
     """
     device = torch.device(device)
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"Triton kernels need CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs them on CPU)"
+    if device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return f"Triton kernels need CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs them on CPU)"
+        if not attrs.get("explicit", True):
+            # The interpreter is a test tool (slow; fp32 -> bf16 casts truncate): automatic dispatch on CPU
+            # keeps the reference and only a caller naming backend="triton" gets it. Needs ops to pass
+            # "explicit" (backend != "auto") in attrs; without it every CPU call under the interpreter runs here.
+            return "on CPU the Triton interpreter runs only when backend='triton' is named"
     for name in ("w13_bits", "w2_bits"):
         if attrs.get(name) not in _KERNEL_BITS:
             return f"{name}={attrs.get(name)} not in {_KERNEL_BITS}"
@@ -61,3 +67,7 @@ def _fused_experts(*args):
 def register_all() -> None:
     """Register every Triton implementation with :mod:`moeq_kernels.backends` (kernels load lazily)."""
     backends.register("fused_experts", "triton", fused_experts_supports)(_fused_experts)
+
+    from moeq_kernels.triton.hadamard import register_hadamard_triton
+
+    register_hadamard_triton()
