@@ -187,6 +187,7 @@ def time_graph(fn: Callable, rep_ms: int = 25) -> float:
     """
     from triton.testing import do_bench_cudagraph
 
+    torch.cuda.synchronize()  # do_bench_cudagraph works on a fresh side stream that does not wait for ours
     return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") * 1e3
 
 
@@ -207,7 +208,7 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
         if v is None:
             return "–"
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
         return str(v)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

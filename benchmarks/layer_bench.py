@@ -22,8 +22,10 @@ row: us, achieved GB/s (touched experts' bytes in the row's weight format / time
 speed-up vs bf16 grouped_mm, INT4 floor (touched experts' 4-bit weights + bf16 g128 scales / 3.0 TB/s, or the
 compute floor 2*T*k*3*H*I / 738 TFLOP/s when larger), bf16 floor (touched bf16 bytes / 3.0 TB/s), and memory:
 resident bytes of the experts module (allocator delta on CUDA; tensor bytes on CPU) and the peak during one call.
-Quick mode (automatic on CPU): tiny shapes with the registry's structure, T in {1, 16}, the reference backend
-(Triton too when ``TRITON_INTERPRET=1``), few iterations; timings are labelled "CPU (not comparable)".
+Quick mode (automatic on CPU): tiny shapes with the registry's structure, T in {1, 16}, the reference backend,
+few iterations, one CPU thread; timings are labelled "CPU (not comparable)". With ``TRITON_INTERPRET=1`` the
+Triton backend is checked too but not timed (about a minute per call on a 2-core CPU: use ``--shapes X
+--tokens 1``).
 Writes ``layer_bench.json``, ``layer_bench.md`` and one latency-vs-T PNG per shape (when matplotlib imports) to
 ``--out`` (default ``benchmarks/results/<gpu-name-or-cpu>/``). A failing case is logged, recorded and skipped.
 """
@@ -58,6 +60,16 @@ TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 EXPERTS_CLASS = {"mixtral": "MixtralExperts", "qwen2_moe": "Qwen2MoeExperts", "qwen3_moe": "Qwen3MoeExperts",
                  "deepseek_v2": "DeepseekV2Experts", "olmoe": "OlmoeExperts"}
 SPEC = WeightSpec(bits=4, group_size=128, sym=True)
+
+
+def _tol(dtype: torch.dtype, backend: str, device: torch.device) -> float:
+    # Triton's interpreter converts fp32 -> bf16 by truncation (a biased 2^-8 per rounding; see
+    # tests/kernels/test_triton_fused_experts.py), so its bf16 results get the looser bound those tests use.
+    if backend == "triton" and device.type != "cuda" and dtype == torch.bfloat16:
+        return 5e-2
+    return TOL[dtype]
+
+
 GRAPH_BACKENDS = ("cuda", "triton")  # the reference backend syncs with the host (torch.unique): never captured
 
 
@@ -174,7 +186,8 @@ def _bench_dense(module: nn.Module, row_base: dict, sets: list, args, device, dt
                 row["us"], row["timing"] = timed(module, sets, device, impl == "grouped_mm", args.quick)
             if impl == "eager" and "grouped_mm" in outs:  # the two transformers paths must agree (same weights)
                 err = bc.rel_err(outs["eager"], outs["grouped_mm"])
-                row.update(check="vs grouped_mm", check_rel_err=err, check_tol=TOL[dtype], check_passed=err < TOL[dtype])
+                row.update(check="vs grouped_mm", check_rel_err=err, check_tol=TOL[dtype],
+                           check_passed=err < TOL[dtype])
             row["gbps"] = row_base["touched"] * 3 * row_base["H"] * row_base["I"] * dtype.itemsize / row["us"] / 1e3
             row["frac_floor"] = max(row_base["bf16_floor_us"], row_base["compute_floor_us"]) / row["us"]
         except bc.CASE_ERRORS as exc:
@@ -208,11 +221,20 @@ def _bench_int4(module: QuantizedExperts, row_base: dict, sets: list, args, devi
             try:
                 module.backend = name
                 with torch.inference_mode():
-                    err = bc.rel_err(module(*sets[0]), ref)
-                    row.update(check="vs reference (fp32 activations)", check_rel_err=err, check_tol=TOL[dtype],
-                               check_passed=err < TOL[dtype])
+                    err, tol = bc.rel_err(module(*sets[0]), ref), _tol(dtype, name, device)
+                    row.update(check="vs reference (fp32 activations)", check_rel_err=err, check_tol=tol,
+                               check_passed=err < tol)
                     if not row["check_passed"]:
-                        logger.error("%s %s hadamard=%s: rel err %.3g > %.1g", name_t, name, hadamard, err, TOL[dtype])
+                        logger.error("%s %s hadamard=%s: rel err %.3g > %.1g", name_t, name, hadamard, err, tol)
+                    skip = None
+                    if name != "reference" and device.type != "cuda":  # Triton's interpreter: ~1 min per call
+                        skip = "not timed (interpreter)"
+                    elif name == "reference" and row_base["T"] > args.reference_max_t:
+                        skip = "not timed (reference, T > --reference-max-t)"  # a per-expert Python loop
+                    if skip:
+                        row["timing"] = skip
+                        rows.append(row)
+                        continue
                     _set_peak(row, _peak(lambda: module(*sets[0]), device))
                     row["us"], row["timing"] = timed(module, sets, device, name in GRAPH_BACKENDS, args.quick)
                 row["gbps"] = row_base["touched"] * module.nbytes() / module.num_experts / row["us"] / 1e3
@@ -278,7 +300,7 @@ def _table_row(r: dict) -> list:
         check = f"{'ok' if r['check_passed'] else 'FAIL'} {r['check_rel_err']:.1e}"
     us = r.get("us")
     return [r["T"], round(r["touched"], 1), r["impl"], {None: "", False: "", True: "H"}[r.get("online_hadamard")],
-            us if us is not None else f"error: {r.get('error', '')[:40]}", r.get("timing"), r.get("gbps"),
+            us if us is not None or "error" not in r else f"error: {r['error'][:40]}", r.get("timing"), r.get("gbps"),
             r.get("frac_floor"), r.get("speedup_vs_grouped_mm"), r["int4_floor_us"], r["bf16_floor_us"], check,
             mib(r.get("resident_bytes")), mib(r.get("peak_bytes"))]
 
@@ -295,13 +317,35 @@ def write_results(out: Path, header: dict, rows: list, errors: list) -> str:
     for name in dict.fromkeys(r["shape"] for r in rows):
         srows = [r for r in rows if r["shape"] == name]
         e, h, i, k = (srows[0][c] for c in ("E", "H", "I", "k"))
-        parts.append(f"## {name} (E={e}, H={h}, I={i}, k={k})\n\n" + bc.md_table(COLUMNS, [_table_row(r) for r in srows]))
+        table = bc.md_table(COLUMNS, [_table_row(r) for r in srows])
+        parts.append(f"## {name} (E={e}, H={h}, I={i}, k={k})\n\n{table}")
     if errors:
         parts.append("## Errors\n\n" + "\n".join(f"- {e['shape']} {e['stage']}: {e['error']}" for e in errors))
     md = "\n\n".join(parts) + "\n"
     (out / "layer_bench.md").write_text(md)
     _plot(out, rows, header)
     return md
+
+
+def summary(rows: list, header: dict) -> str:
+    """The short table printed last: per (shape, T) the baselines, the fastest moeq row without / with Hadamard."""
+    out = []
+    for key in dict.fromkeys((r["shape"], r["T"]) for r in rows):
+        sel = [r for r in rows if (r["shape"], r["T"]) == key]
+        us = lambda impl: next((r.get("us") for r in sel if r["impl"].endswith(impl)), None)  # noqa: E731
+        best = {}
+        for had in (False, True):
+            timed_rows = [r for r in sel if r["online_hadamard"] is had and r.get("us") and r["backend"] != "reference"]
+            timed_rows = timed_rows or [r for r in sel if r["online_hadamard"] is had and r.get("us")]
+            best[had] = min(timed_rows, key=lambda r: r["us"], default=None)
+        fails = sum(1 for r in sel if r.get("check_passed") is False or r.get("error"))
+        b = best[False]
+        out.append([key[0], key[1], round(sel[0]["touched"], 1), sel[0]["int4_floor_us"], us("_grouped_mm"),
+                    us("_eager"), b and b["us"], b and b["backend"], best[True] and best[True]["us"],
+                    b and b.get("speedup_vs_grouped_mm"), b and b.get("frac_floor"), fails or "ok"])
+    cols = ("shape", "T", "touched", "INT4 floor", "grouped_mm", "eager", "moeq", "backend", "moeq +H",
+            "x grouped_mm", "floor frac", "checks")
+    return f"layer_bench on {header['device']} (us; {header['timing_note'][:60]}...)\n" + bc.md_table(cols, out)
 
 
 def _plot(out: Path, rows: list, header: dict) -> None:
@@ -338,6 +382,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", nargs="+", default=None, choices=backends.BACKENDS, help="moeq backends to try")
     p.add_argument("--sets", type=int, default=None, help="fresh input sets cycled per timed call (>= 3; default 4, "
                    "3 in quick mode)")
+    p.add_argument("--reference-max-t", type=int, default=None,
+                   help="time the reference backend only up to this T (it still checks every T); default 16 on GPU")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<device>/)")
@@ -354,6 +400,8 @@ def main(argv=None) -> dict:
         logger.info("no CUDA device: running the quick mode")
         args.quick = True
     args.sets = max(args.sets or (3 if args.quick else 4), 3)
+    if args.reference_max_t is None:
+        args.reference_max_t = 1 << 30 if args.quick else 16
     dtype = getattr(torch, args.dtype)
     names = args.shapes or list(ANCHOR_SHAPES)
     shapes = [get_shape(n).scaled() if args.quick else get_shape(n) for n in names]
@@ -366,14 +414,14 @@ def main(argv=None) -> dict:
                               "median of CUDA-graph replays (do_bench_cudagraph) cycling over fresh input sets; "
                               "rows timed 'eager' use do_bench medians without graphs")}
     rows, errors = [], []
+    out = args.out or bc.default_out_dir(device)
     with bc.cpu_threads(1 if args.quick and device.type == "cpu" else None):
         for shape in shapes:
             logger.info("shape %s (E=%d H=%d I=%d k=%d), T=%s", shape.name, *shape.ehik, tokens)
             bench_shape(shape, tokens, args, device, dtype, rows, errors)
-    out = args.out or bc.default_out_dir(device)
-    md = write_results(out, header, rows, errors)
-    print(md)
+            write_results(out, header, rows, errors)  # after every shape: a run cut short keeps its results
     logger.info("wrote %s", out)
+    print(summary(rows, header))
     return {"header": header, "rows": rows, "errors": errors}
 
 

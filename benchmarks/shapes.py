@@ -121,7 +121,8 @@ class ModelShape:
         dense = int(extra.get("first_k_dense_replace", 0))
         return dataclasses.replace(
             self, name=f"{self.name}-tiny", num_experts=experts, hidden=hidden, intermediate=inter,
-            top_k=min(self.top_k, max_top_k, experts), num_layers=2 + dense, num_heads=4, num_kv_heads=2,
+            top_k=min(self.top_k, max_top_k, experts), num_layers=2 + dense, num_heads=4,
+            num_kv_heads=4 if self.num_kv_heads == self.num_heads else 2,  # MLA (DeepSeek) needs kv == q heads
             head_dim=hidden // 4, vocab_size=512, max_positions=512,
             shared_intermediate=2 * inter if self.shared_intermediate else 0, extra=extra,
         )
