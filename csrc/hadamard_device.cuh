@@ -16,11 +16,14 @@
 //      the transform is in place.
 // The scale is applied by the last step. fp32 throughout.
 //
-// Layout: the row lives in shared memory at row_ptr[layout(i)] for logical index i, so a caller can keep
-// its own bank-conflict-free layout (moe_decode.cu's chunk swizzle) and the standalone op the natural one.
+// Layout: element i of a row lives at row_ptr[layout(i)], so a caller may transform rows kept in its own
+// layout. Both callers use NaturalLayout: moe_decode.cu keeps its activations chunk-swizzled for the GEMV,
+// but the swizzled address arithmetic in the base pass cost ~25 registers (ptxas) and made the 512-thread
+// down kernel spill, so it transforms in natural order and swizzles afterwards.
 //
-// Requirements: every thread of the block calls hadamard_rows (it contains __syncthreads); the rows are
-// fully written and visible (a barrier) before the call; on return the result is visible to all threads.
+// Requirements: every thread of the block calls hadamard_rows (it contains __syncthreads); blockDim.x is
+// a multiple of 4; the rows are fully written and visible (a barrier) before the call; on return the
+// result is visible to all threads.
 #pragma once
 
 #include <cstdint>
@@ -86,15 +89,6 @@ __host__ __device__ constexpr bool factor(int64_t n, int& m, int& log2p) {
 
 struct NaturalLayout {
   __device__ __forceinline__ int operator()(int i) const { return i; }
-};
-
-// moe_decode.cu's activation layout: within each block of 32 floats (one 32-value weight chunk), the
-// float4 slot q (bits 2..4 of i) is XORed with bits 5..7 of i (the chunk index), so 8 lanes reading
-// float4 q of 8 consecutive chunks hit 8 different bank groups.
-struct ChunkSwizzleLayout {
-  __device__ __forceinline__ int operator()(int i) const {
-    return (i & ~31) | ((((i >> 2) ^ (i >> 5)) & 7) << 2) | (i & 3);
-  }
 };
 
 // ---------------------------------------------------------------- Sylvester passes

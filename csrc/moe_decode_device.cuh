@@ -9,9 +9,11 @@
 // batch i, so 2 * kUnroll * kR loads per lane stay in flight. The group's partial sums meet in
 // reduce_group (xor shuffles, offsets < lpr).
 //
-// Activations sit in shared memory as fp32 in moeq::hadamard::ChunkSwizzleLayout (float4 q of chunk c at
-// slot q ^ (c & 7)), next to X_c, the sum of chunk c's 32 values, used by the dequantization identity
-// explained at the top of moe_decode.cu.
+// Activations sit in shared memory as fp32, chunk-swizzled: float4 q (values 4q..4q+3) of chunk c at
+// float4 slot c * 8 + (q ^ (c & 7)), so the 8 lanes of a quarter-warp, reading float4 q of 8 consecutive
+// chunks, hit 8 different bank groups (unswizzled they would all hit one: a 128-byte stride). Next to
+// them X_c, the sum of chunk c's 32 values, used by the dequantization identity explained at the top of
+// moe_decode.cu.
 #pragma once
 
 #include <cstdint>

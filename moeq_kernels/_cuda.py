@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from functools import lru_cache
 
 import torch
@@ -142,10 +143,11 @@ def dequantize_cuda(
 
 # ------------------------------------------------------------------------------ fused_experts (decode)
 
-# Above this many tokens the CUDA decode kernels (one CTA row per routed slot, CUDA-core GEMV) give way to
-# the Triton backend's tensor-core path. Unmeasured: to tune on H100 (benchmarks/gpu_cuda_check.py times
-# both at T=1 and T=16).
-MAX_DECODE_TOKENS = 16
+# Above this many tokens the CUDA decode kernels (one CTA row per routed slot, CUDA-core GEMV: their work
+# grows with T * k, not with the experts touched) give way to the Triton backend's tensor-core path.
+# Unmeasured: to tune on H100 (benchmarks/gpu_cuda_check.py times both at T=1 and T=16); the environment
+# variable overrides it without a code change.
+MAX_DECODE_TOKENS = int(os.environ.get("MOEQ_CUDA_DECODE_MAX_TOKENS", "16"))
 DECODE_BITS = 4
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 # csrc/hadamard.cu handles these; float64 stays on the reference backend.
