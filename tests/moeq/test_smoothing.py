@@ -161,3 +161,12 @@ def test_smoothing_without_calibration_or_after_quantization_is_refused():
         smooth_model(model, adapter_for(model), CALIB)
     with pytest.raises(ValueError, match="aggregation must be one of"):
         smooth_model(tiny_model("olmoe"), adapter_for(model), CALIB, aggregation="mean")
+
+
+def test_cli_flags_reach_the_config():
+    from moeq.cli import _quant_config, build_parser
+
+    args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--smooth", "--smooth-alpha", "0.3",
+                                      "--smooth-aggregation", "router_prob", "--expert-token-budget", "64"])
+    cfg = _quant_config(args)
+    assert (cfg.smooth, cfg.smooth_alpha, cfg.smooth_aggregation, cfg.expert_token_budget) == (True, 0.3, "router_prob", 64)
