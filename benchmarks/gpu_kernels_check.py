@@ -206,7 +206,9 @@ def run_graph_checks(model, stacks) -> None:
 
     class Layer(torch.nn.Module):
         def forward(self, x, idx, w):
-            return torch.ops.moeq.fused_experts(x, idx, w, *stacks[0], *stacks[1], 4, 128, 4, 128, "silu", True)
+            # name the backend: with "auto" the CUDA decode kernel would run, compared against Triton's eager output
+            return torch.ops.moeq.fused_experts(x, idx, w, *stacks[0], *stacks[1], 4, 128, 4, 128, "silu", True,
+                                                "triton")
 
     def compiled_check():
         args = real_args(model, 4, torch.bfloat16, True, stacks)
