@@ -73,7 +73,10 @@ def fused_experts(
         "w13_bits": w13_bits, "w2_bits": w2_bits, "w13_group_size": w13_group_size, "w2_group_size": w2_group_size,
         "hidden_dim": hidden.shape[-1], "intermediate_dim": w2_qweight.shape[-1] * 32 // w2_bits,
         "num_tokens": hidden.shape[0], "zeros": w13_qzeros is not None or w2_qzeros is not None,
-        "online_hadamard": online_hadamard, "dtype": hidden.dtype,
+        "online_hadamard": online_hadamard, "dtype": hidden.dtype, "activation": activation,
+        # CPU tensors run Triton only through the interpreter, and only when the caller names it: "auto" on a
+        # CPU must not send a model's forward into the (slow, bf16-inexact) interpreter.
+        "explicit": backend != "auto",
     }
     return backends.dispatch(
         "fused_experts", hidden.device, backend, attrs,
