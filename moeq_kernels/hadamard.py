@@ -205,3 +205,34 @@ def _reference_impl(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 backends.register(OP, "reference")(_reference_impl)
+
+
+def fht_supports(device: torch.device, n: int = 0, dtype=None, **attrs) -> str | None:
+    """When the optional fast-hadamard-transform package can stand in as the ``cuda`` backend."""
+    if torch.device(device).type != "cuda":
+        return "fast-hadamard-transform runs on CUDA tensors"
+    if n <= 0 or n & (n - 1):
+        # its orders 12/20/28/40 use other Hadamard matrices than moeq's Paley ones: results would differ
+        return f"n={n}: fast-hadamard-transform is used for power-of-two sizes only (same Sylvester matrix)"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} not supported by fast-hadamard-transform"
+    return None
+
+
+def register_fast_hadamard_transform(module=None) -> bool:
+    """Use fast-hadamard-transform (optional extra ``moeq[hadamard]``) as the ``cuda`` backend of
+    ``hadamard_transform`` when it is installed and moeq's own CUDA kernel is not registered. For powers of two
+    its transform is ``x @ H_n * scale`` with the same Sylvester ``H_n`` as moeq's. Returns True if registered."""
+    if module is None:
+        try:
+            import fast_hadamard_transform as module
+        except ImportError:
+            return False
+    if "cuda" in backends.registered(OP):
+        return False
+
+    def run(x: torch.Tensor, scale: float) -> torch.Tensor:
+        return module.hadamard_transform(x.contiguous(), scale)
+
+    backends.register(OP, "cuda", fht_supports)(run)
+    return True

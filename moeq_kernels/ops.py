@@ -109,8 +109,10 @@ torch.library.register_autograd("moeq::dequantize", _no_grad, setup_context=_set
 def _register_fast_backends() -> None:
     """Register the Triton and CUDA implementations when their toolchains are importable."""
     from moeq_kernels import _cuda
+    from moeq_kernels.hadamard import register_fast_hadamard_transform
 
     _cuda.load()
+    register_fast_hadamard_transform()  # only where moeq's own CUDA Hadamard is not built
     try:
         import triton  # noqa: F401
     except ImportError:

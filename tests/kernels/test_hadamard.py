@@ -318,3 +318,28 @@ def test_triton_compiles_for_sm90_without_gpu(tmp_path):
     if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("no ptxas in this Triton install")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_fast_hadamard_transform_backend_registration(monkeypatch):
+    # fast-hadamard-transform cannot be installed here; a stand-in module checks the wiring and the size rule
+    import types
+
+    from moeq_kernels import backends as be
+    from moeq_kernels import hadamard as hm
+
+    calls = []
+    fake = types.SimpleNamespace(hadamard_transform=lambda x, scale: calls.append(scale) or x * scale)
+    saved = dict(be.registered(hm.OP))
+    try:
+        be.registered(hm.OP).pop("cuda", None)
+        assert hm.register_fast_hadamard_transform(fake)
+        assert not hm.register_fast_hadamard_transform(fake)  # a registered cuda backend (moeq's own) wins
+        impl = be.registered(hm.OP)["cuda"]
+        assert impl.supports(torch.device("cuda"), n=1024, dtype=torch.bfloat16) is None
+        assert "power-of-two" in impl.supports(torch.device("cuda"), n=1408, dtype=torch.bfloat16)  # 44*32: other H_44
+        assert "CUDA" in impl.supports(torch.device("cpu"), n=1024, dtype=torch.bfloat16)
+        impl.fn(torch.ones(2, 4), 0.5)
+        assert calls == [0.5]
+    finally:
+        be.registered(hm.OP).clear()
+        be.registered(hm.OP).update(saved)
