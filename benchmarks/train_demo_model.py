@@ -102,8 +102,8 @@ def train(args) -> dict:
     tail = history[-max(args.steps // 20, 1):]
     record = {
         "model_config": MODEL_CONFIG, "parameters": n_params,
-        "data": {"train": "moeq.calib.stdlib_text('train', max_bytes=%d)" % args.train_bytes,
-                 "heldout": "moeq.calib.stdlib_text('heldout', max_bytes=%d)" % args.eval_bytes,
+        "data": {"train": f"moeq.calib.stdlib_text('train', max_bytes={args.train_bytes})",
+                 "heldout": f"moeq.calib.stdlib_text('heldout', max_bytes={args.eval_bytes})",
                  "train_tokens_available": train_ids.numel(), "python": platform.python_version()},
         "training": {"steps": args.steps, "batch": args.batch, "seqlen": args.seqlen, "lr": args.lr,
                      "warmup": args.warmup, "seed": args.seed, "threads": args.threads,

@@ -44,7 +44,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--mixed-score", default="affinity", choices=["outlier", "frequency", "affinity", "block"])
     m.add_argument("--mixed-granularity", default="expert", choices=["layer", "expert", "linear"])
     g = p.add_argument_group("calibration (gptq, agq, mixed-precision scores)")
-    g.add_argument("--calib", metavar="FILE", help="calibration text file")
+    g.add_argument("--calib", metavar="FILE",
+                   help="calibration text file, or a .jsonl of token ids (moeq calibrate); jsonl samples are "
+                        "truncated / padded to --seqlen with padding masked out")
     g.add_argument("--nsamples", type=int, default=128)
     g.add_argument("--seqlen", type=int, default=2048)
     g.add_argument("--seed", type=int, default=0)
@@ -96,9 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-device", default=None, help="compute device for calibration (layers move there one at a time)")
     _add_quant_args(q)
 
-    e = sub.add_parser("eval", help="perplexity of a (quantized) checkpoint on a local text file")
+    e = sub.add_parser("eval", help="perplexity, routing agreement and lm-eval tasks of a (quantized) checkpoint")
     e.add_argument("--model", required=True)
-    e.add_argument("--ppl", required=True, metavar="FILE", help="text file")
+    e.add_argument("--ppl", metavar="FILE", help="text file (perplexity; also the tokens of --reference)")
+    e.add_argument("--reference", metavar="FP_DIR", default=None,
+                   help="full-precision model: per-layer top-k routing agreement on the --ppl windows")
+    e.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma-separated lm-evaluation-harness tasks")
+    e.add_argument("--lm-eval-include", default=None, metavar="DIR", help="directory of local lm-eval task YAMLs")
+    e.add_argument("--lm-eval-limit", type=float, default=None, help="examples per lm-eval task")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
@@ -112,6 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=["compressed-tensors", "gptq"])
     x.add_argument("dir")
     x.add_argument("out")
+
+    c = sub.add_parser("calibrate", help="generate calibration data with the model itself (EBSS)")
+    c.add_argument("--model", required=True, help="local Hugging Face model directory")
+    c.add_argument("--method", default="ebss", choices=["ebss"])
+    c.add_argument("--out", required=True, metavar="FILE.jsonl", help="samples; the summary goes to FILE.summary.json")
+    c.add_argument("--nsamples", type=int, default=128)
+    c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--beam", type=int, default=4, help="beam width W")
+    c.add_argument("--candidates", type=int, default=None, help="next-token candidates per beam (default: --beam)")
+    c.add_argument("--tau", type=float, default=0.05, help="balance temperature: score = mean log-prob - sigma/tau")
+    c.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the candidates")
+    c.add_argument("--batch", type=int, default=8, help="samples searched at once")
+    c.add_argument("--min-compression", type=float, default=0.2, help="reject samples whose zlib ratio is lower")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32"])
+    c.add_argument("--device", default="cpu")
 
     d = sub.add_parser("demo", help="quantize a tiny model end to end and check it")
     d.add_argument("--out", default="moeq-demo")
@@ -132,7 +155,7 @@ def cmd_quantize(args) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import moeq
-    from moeq.calib.data import random_windows, tokenize_file
+    from moeq.calib.data import is_jsonl, load_calibration
     from moeq.models import adapter_for
     from moeq.quantizers import get_method
 
@@ -149,9 +172,9 @@ def cmd_quantize(args) -> int:
             what = (f"--method {config.method}" if needs_calib else "--smooth" if config.smooth
                     else f"--mixed-score {args.mixed_score}")
             raise ValueError(f"{what} needs --calib FILE (a text file)")
-        if tok is None:
+        if tok is None and not is_jsonl(args.calib):  # a .jsonl holds token ids already
             raise FileNotFoundError(f"no tokenizer in {src} to tokenize the calibration text")
-        calib = random_windows(tokenize_file(tok, args.calib), args.nsamples, args.seqlen, args.seed)
+        calib = load_calibration(tok, args.calib, args.nsamples, args.seqlen, args.seed)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=parse_dtype(args.dtype)).to(args.device).eval()
     if args.mixed_budget is not None:
         from moeq.mixed import plan_mixed_precision
@@ -202,14 +225,66 @@ def cmd_eval(args) -> int:
     from moeq.calib.data import tokenize_file
     from moeq.eval.perplexity import perplexity
 
+    if not args.ppl and not args.lm_eval:
+        raise ValueError("eval needs --ppl FILE and/or --lm-eval TASKS")
+    if args.reference and not args.ppl:
+        raise ValueError("--reference measures routing on the --ppl text; pass --ppl FILE")
     path = _require_dir(args.model)
+    ref_path = _require_dir(args.reference) if args.reference else None
     tok = _maybe_tokenizer(args.tokenizer or path)
     if tok is None:
         raise FileNotFoundError(f"no tokenizer in {args.tokenizer or path}; pass --tokenizer DIR")
-    ids = tokenize_file(tok, args.ppl)
+    if args.lm_eval:
+        from moeq.eval.lm_eval import _import_lm_eval
+
+        try:
+            _import_lm_eval()  # fail before loading any model
+        except ImportError as exc:
+            raise ValueError(str(exc)) from exc
     model = _load_any(path, args.device)
-    res = perplexity(model, ids, args.seqlen, max_windows=args.max_windows)
-    print(f"perplexity {res['ppl']:.4f} over {res['windows']} windows x {args.seqlen} tokens ({res['tokens']} predicted)")
+    if args.ppl:
+        ids = tokenize_file(tok, args.ppl)
+        res = perplexity(model, ids, args.seqlen, max_windows=args.max_windows)
+        print(f"perplexity {res['ppl']:.4f} over {res['windows']} windows x {args.seqlen} tokens ({res['tokens']} predicted)")
+        if ref_path is not None:
+            from moeq.eval.routing import format_agreement, routing_agreement
+
+            agree = routing_agreement(model, _load_any(ref_path, args.device), ids, args.seqlen, args.max_windows)
+            print(f"routing agreement with {ref_path} (top-{model.config.num_experts_per_tok}, per MoE layer):")
+            print("\n".join(format_agreement(agree)))
+    if args.lm_eval:
+        from moeq.eval.lm_eval import format_results, run_lm_eval
+
+        tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+        limit = int(args.lm_eval_limit) if args.lm_eval_limit and args.lm_eval_limit >= 1 else args.lm_eval_limit
+        print("\n".join(format_results(run_lm_eval(model, tok, tasks, limit=limit, include_path=args.lm_eval_include))))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moeq.calib.ebss import EBSSConfig, ebss_generate, write_jsonl
+    from moeq.models import adapter_for
+
+    src = _require_dir(args.model)
+    if Path(args.out).suffix.lower() != ".jsonl":
+        raise ValueError(f"--out must be a .jsonl file, got {args.out}")
+    cfg = EBSSConfig(nsamples=args.nsamples, seqlen=args.seqlen, beam=args.beam, candidates=args.candidates,
+                     tau=args.tau, temperature=args.temperature, batch=args.batch, seed=args.seed,
+                     min_compression=args.min_compression)
+    cfg.validate()
+    adapter_for(AutoConfig.from_pretrained(src))  # fail before loading any weight
+    tok = _maybe_tokenizer(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=parse_dtype(args.dtype)).to(args.device).eval()
+    result = ebss_generate(model, tok, cfg)
+    if not result.samples:
+        raise ValueError(f"ebss: all {result.summary['generated']} samples were degenerate {result.summary['rejected']}")
+    side = write_jsonl(result, args.out)
+    s = result.summary
+    print(f"ebss: {s['accepted']} samples x {args.seqlen} tokens -> {args.out} (summary {side}); generated "
+          f"{s['generated']}, rejected {s['rejected_total']} as degenerate {s['rejected']}; dataset expert-balance "
+          f"sigma {s['dataset_sigma']:.4f}, mean log-prob {s['mean_logprob']:.4f}")
     return 0
 
 
@@ -244,7 +319,7 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handler = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
+    handler = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo, "calibrate": cmd_calibrate,
                "export": cmd_export}[args.cmd]
     try:
         with torch.inference_mode():

@@ -63,6 +63,8 @@ class EBSSConfig:
     def validate(self) -> None:
         if self.nsamples < 1 or self.seqlen < 2 or self.beam < 1 or self.batch < 1:
             raise ValueError("ebss needs nsamples >= 1, seqlen >= 2, beam >= 1, batch >= 1")
+        if self.candidates is not None and self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
         if self.tau <= 0 or self.temperature <= 0:
             raise ValueError(f"tau and temperature must be > 0 (got tau={self.tau}, temperature={self.temperature})")
 
@@ -147,29 +149,30 @@ def _search(model: nn.Module, tap: RouterTap, first: torch.Tensor, cfg: EBSSConf
     dev = next(model.parameters()).device
     G, W = first.numel(), cfg.beam
     K = cfg.candidates or cfg.beam
-    rows = torch.arange(G * W, device=dev)
     cache = DynamicCache()
     tokens = first.to(dev).repeat_interleave(W)[:, None]  # [G*W, 1]
     logits = model(input_ids=tokens, past_key_values=cache, use_cache=True).logits[:, -1].float()
     counts = tap.counts().to(dev)  # [G*W, layers, E]
+    # the cache is kept at G*W*K rows (row = beam*K + candidate): one reorder per step picks the parents of the
+    # next candidates directly, instead of shrinking to G*W and growing again
+    cache.reorder_cache(torch.arange(G * W, device=dev).repeat_interleave(K))
     # only beam 0 of each sample is live at first, so the W beams do not start as W copies
     cum = torch.full((G, W), float("-inf"), dtype=torch.float64, device=dev)
     cum[:, 0] = 0.0
-    score = cum.clone()
     for step in range(1, cfg.seqlen):
         logp = torch.log_softmax(logits, dim=-1)  # [G*W, V]
         noise = -torch.log(-torch.log(torch.rand(logp.shape, generator=gen).clamp_(1e-20, 1.0)))
         cand = torch.topk(logp / cfg.temperature + noise.to(dev), K, dim=-1).indices  # [G*W, K]
         cand_lp = logp.gather(1, cand).double()
-        cache.reorder_cache(rows.repeat_interleave(K))
         logits = model(input_ids=cand.reshape(-1, 1), past_key_values=cache, use_cache=True).logits[:, -1].float()
         new_counts = counts.repeat_interleave(K, dim=0) + tap.counts().to(dev)  # [G*W*K, layers, E]
         new_cum = (cum.reshape(-1, 1) + cand_lp).reshape(G, W * K)
         sigma = expert_balance_sigma(new_counts).reshape(G, W * K)
         cand_score = new_cum / step - sigma / cfg.tau  # -inf stays -inf for dead beams
-        score, sel = torch.topk(cand_score, W, dim=-1)  # [G, W], sorted best first
+        _, sel = torch.topk(cand_score, W, dim=-1)  # [G, W], sorted best first
         keep = (sel + torch.arange(G, device=dev)[:, None] * (W * K)).reshape(-1)  # rows of the W*K batch
-        cache.reorder_cache(keep)
+        if step + 1 < cfg.seqlen:
+            cache.reorder_cache(keep.repeat_interleave(K))
         logits, counts = logits[keep], new_counts[keep]
         cum = new_cum.reshape(-1)[keep].reshape(G, W)
         tokens = torch.cat([tokens[keep // K], cand.reshape(-1)[keep][:, None]], dim=1)

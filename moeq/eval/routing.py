@@ -46,7 +46,7 @@ class RouterTap:
             self.indices[layer_idx] = output[2].detach().reshape(-1, output[2].shape[-1])
         return hook
 
-    def __enter__(self) -> "RouterTap":
+    def __enter__(self) -> RouterTap:
         for i, block in self.blocks:
             self._handles.append(self.adapter.router(block).register_forward_hook(self._hook(i)))
         return self
@@ -91,6 +91,42 @@ def expert_counts(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows:
 
 
 @torch.no_grad()
+def collect_routes(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> dict:
+    """The top-k expert ids of every token: ``{"layers": [...], "k", "E", "routes": {layer: int64 [N, k]}}``
+    over the non-overlapping ``seqlen`` windows of a 1-D token stream (``N`` tokens, window-major)."""
+    wins = windows(ids, seqlen)[:max_windows]
+    per_layer: dict[int, list[torch.Tensor]] = {}
+    with RouterTap(model) as tap:
+        for w in wins:
+            model(input_ids=w[None].to(_device(model)), use_cache=False)
+            for layer in tap.layers:
+                per_layer.setdefault(layer, []).append(tap.indices[layer].cpu())
+    return {"layers": tap.layers, "k": tap.top_k, "E": tap.num_experts,
+            "routes": {layer: torch.cat(v) for layer, v in per_layer.items()}}
+
+
+def agreement_from_routes(routes: dict, reference: dict) -> dict:
+    """Per-layer agreement of two :func:`collect_routes` results over the same tokens (see
+    :func:`routing_agreement` for the returned fields)."""
+    if routes["layers"] != reference["layers"] or routes["k"] != reference["k"] or routes["E"] != reference["E"]:
+        raise ValueError("model and reference differ in MoE layers, expert count or top-k")
+    k, E = routes["k"], routes["E"]
+    per_layer, tokens = [], 0
+    for layer in routes["layers"]:
+        a, b = routes["routes"][layer], reference["routes"][layer]
+        if a.shape != b.shape:
+            raise ValueError(f"layer {layer}: routed {tuple(a.shape)} vs {tuple(b.shape)} tokens")
+        sa = torch.zeros(a.shape[0], E, dtype=torch.long).scatter_(1, a, 1)  # expert sets as one-hot rows
+        sb = torch.zeros(b.shape[0], E, dtype=torch.long).scatter_(1, b, 1)
+        inter = (sa * sb).sum(-1)  # [N] experts chosen by both
+        tokens = a.shape[0]
+        per_layer.append({"layer": layer, "topk_overlap": float(inter.double().mean()) / k,
+                          "exact_match": float((inter == k).double().mean())})
+    return {"layers": per_layer, "tokens": tokens,
+            "topk_overlap": sum(d["topk_overlap"] for d in per_layer) / len(per_layer),
+            "exact_match": sum(d["exact_match"] for d in per_layer) / len(per_layer)}
+
+
 def routing_agreement(model: nn.Module, reference: nn.Module, ids: torch.Tensor, seqlen: int,
                       max_windows: int | None = None) -> dict:
     """Per-layer agreement of ``model``'s top-k routing with ``reference``'s on the same tokens.
@@ -102,30 +138,10 @@ def routing_agreement(model: nn.Module, reference: nn.Module, ids: torch.Tensor,
     ``topk_overlap`` is the mean over tokens of ``|topk_model ∩ topk_ref| / k`` and ``exact_match`` the fraction
     of tokens whose expert *sets* are equal (order ignored); the top-level values average the layers.
     """
-    wins = windows(ids, seqlen)[:max_windows]
-    inter_sum: dict[int, float] = {}
-    exact_sum: dict[int, float] = {}
-    tokens = 0
-    with RouterTap(model) as tq, RouterTap(reference) as tr:
-        if tq.layers != tr.layers or tq.num_experts != tr.num_experts or tq.top_k != tr.top_k:
-            raise ValueError("model and reference differ in MoE layers, expert count or top-k")
-        k = tq.top_k
-        for w in wins:
-            model(input_ids=w[None].to(_device(model)), use_cache=False)
-            reference(input_ids=w[None].to(_device(reference)), use_cache=False)
-            cq, cr = tq.counts().cpu(), tr.counts().cpu()  # [L, layers, E] one-hot sets
-            inter = (cq * cr).sum(-1)  # [L, layers]: experts chosen by both
-            for pos, layer in enumerate(tq.layers):
-                inter_sum[layer] = inter_sum.get(layer, 0.0) + float(inter[:, pos].sum()) / k
-                exact_sum[layer] = exact_sum.get(layer, 0.0) + float((inter[:, pos] == k).sum())
-            tokens += w.numel()
-    per_layer = [{"layer": layer, "topk_overlap": inter_sum[layer] / tokens, "exact_match": exact_sum[layer] / tokens}
-                 for layer in tq.layers]
-    out = {"layers": per_layer, "tokens": tokens,
-           "topk_overlap": sum(d["topk_overlap"] for d in per_layer) / len(per_layer),
-           "exact_match": sum(d["exact_match"] for d in per_layer) / len(per_layer)}
+    out = agreement_from_routes(collect_routes(model, ids, seqlen, max_windows),
+                                collect_routes(reference, ids, seqlen, max_windows))
     logger.info("routing agreement over %d tokens: top-k overlap %.4f, exact set match %.4f",
-                tokens, out["topk_overlap"], out["exact_match"])
+                out["tokens"], out["topk_overlap"], out["exact_match"])
     return out
 
 
