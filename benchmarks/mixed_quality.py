@@ -16,12 +16,9 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moeq
-from moeq.assets import demo_model_path
-from moeq.calib.data import random_windows
-from moeq.calib.stdlib import stdlib_text
+from demo_data import demo_setup
 from moeq.eval.perplexity import perplexity
 from moeq.eval.routing import routing_agreement
 from moeq.mixed import average_bits, plan_mixed_precision
@@ -34,13 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    path = demo_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    fp = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    calib = random_windows(torch.tensor(tok(stdlib_text("train", max_bytes=400_000))["input_ids"]),
-                           args.nsamples, args.seqlen, seed=0)
-    held = torch.tensor(tok(stdlib_text("heldout", max_bytes=200_000))["input_ids"])
+    fp, tok, calib, held = demo_setup(args.nsamples, args.seqlen)
     adapter = moeq.adapter_for(fp)
     plan = plan_mixed_precision(fp, adapter, 3.0, "affinity", "expert", (2, 4), calib)
     configs = [("uniform W3", {"bits": 3}), ("mixed 2/4, avg 3.0", {"bits": 3, "expert_bits": plan}),

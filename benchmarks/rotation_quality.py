@@ -16,12 +16,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moeq
-from moeq.assets import demo_model_path
-from moeq.calib.data import random_windows
-from moeq.calib.stdlib import stdlib_text
+from demo_data import demo_setup
 
 
 @torch.no_grad()
@@ -42,13 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    path = demo_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    fp = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    calib = random_windows(torch.tensor(tok(stdlib_text("train", max_bytes=400_000))["input_ids"]),
-                           args.nsamples, args.seqlen, seed=0)
-    held = torch.tensor(tok(stdlib_text("heldout", max_bytes=200_000))["input_ids"])
+    fp, tok, calib, held = demo_setup(args.nsamples, args.seqlen)
     windows = [held[i * args.seqlen : (i + 1) * args.seqlen] for i in range(args.eval_windows)]
     with torch.no_grad():
         ref_logits = [fp(w[None]).logits.float() for w in windows]

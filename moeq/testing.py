@@ -64,3 +64,20 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def logits_and_routing(model, ids):
+    """``(logits, [sorted top-k expert ids per MoE layer])`` of one no-grad forward over ``ids [B, L]``."""
+    from moeq.models import adapter_for
+
+    ad = adapter_for(model)
+    seen = []
+    hooks = [ad.router(b).register_forward_hook(lambda m, i, o: seen.append(o[2].sort(-1).values))
+             for _, b in ad.moe_layers(model)]
+    try:
+        with torch.no_grad():
+            logits = model(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, seen

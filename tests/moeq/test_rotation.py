@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import moeq
 from moeq.models import adapter_for
 from moeq.rotation import RotationError, rotate_model
-from moeq.testing import TINY_CONFIGS, tiny_model
+from moeq.testing import logits_and_routing, TINY_CONFIGS, tiny_model
 from moeq_kernels.reference import hadamard_ref
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -26,14 +26,7 @@ def _fp64_model(model_type, **kw):
 
 
 def _routing(model):
-    ad = adapter_for(model)
-    seen = []
-    hooks = [ad.router(b).register_forward_hook(lambda m, i, o: seen.append(o[2].sort(-1).values)) for _, b in ad.moe_layers(model)]
-    with torch.no_grad():
-        logits = model(IDS).logits
-    for h in hooks:
-        h.remove()
-    return logits, seen
+    return logits_and_routing(model, IDS)
 
 
 class _HadamardDownExperts(torch.nn.Module):

@@ -9,7 +9,7 @@ import torch
 import moeq
 from moeq.models import adapter_for
 from moeq.smoothing import aggregate_scales, smooth_model, smooth_scales
-from moeq.testing import TINY_CONFIGS, tiny_model
+from moeq.testing import logits_and_routing, TINY_CONFIGS, tiny_model
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 CALIB = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
@@ -27,14 +27,7 @@ def _fp64_model(model_type, **kw):
 
 
 def _routing(model):
-    ad = adapter_for(model)
-    seen = []
-    hooks = [ad.router(b).register_forward_hook(lambda m, i, o: seen.append(o[2].sort(-1).values)) for _, b in ad.moe_layers(model)]
-    with torch.no_grad():
-        logits = model(IDS).logits
-    for h in hooks:
-        h.remove()
-    return logits, seen
+    return logits_and_routing(model, IDS)
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
