@@ -102,7 +102,7 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None) -> f
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 256)
     dst = torch.empty_like(src)
     if device.type == "cuda":
-        ms = _median_cuda_events(lambda: dst.copy_(src), iters=10)
+        ms = median_event_ms(lambda: dst.copy_(src), iters=10)
         sec = ms / 1e3
     else:
         sec = time_cpu(lambda: dst.copy_(src), iters=5, warmup=1) / 1e6
@@ -154,7 +154,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------- timers
 
 
-def _median_cuda_events(fn: Callable, iters: int) -> float:
+def median_event_ms(fn: Callable, iters: int) -> float:
+    """Median milliseconds of ``fn`` between CUDA events, after one warm-up call (host work included, so it
+    also times what cannot be graph-captured, e.g. the eager per-expert loop)."""
     fn()
     torch.cuda.synchronize()
     times = []
@@ -220,3 +222,12 @@ def header_md(title: str, header: dict) -> str:
     """The markdown preamble every result file starts with."""
     keys = ("device", "torch", "cuda", "triton", "transformers", "commit", "date")
     return f"# {title}\n\n" + "  \n".join(f"{k}: `{header.get(k)}`" for k in keys) + "\n"
+
+
+def resolve_device(args, log: logging.Logger) -> torch.device:
+    """``args.device`` or CUDA when available; without CUDA switch ``args.quick`` on (and say so)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and not args.quick:
+        log.info("no CUDA device: running the quick mode")
+        args.quick = True
+    return device

@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout
 
 import moeq_kernels  # noqa: F401  (registers the ops and backends)
 from moeq_kernels import _cuda
+from benchmarks import bench_common as bc  # noqa: E402
 from moeq_kernels.reference import fused_experts_ref, hadamard_ref
 
 try:
@@ -153,22 +154,9 @@ def graph_us(calls, rep_ms=100) -> float:
     if do_bench is not None:
         ms = do_bench(g.replay, warmup=25, rep=rep_ms, return_mode="median")
     else:
-        ms = events_ms(g.replay, reps=50)
+        ms = bc.median_event_ms(g.replay, 50)
     return ms * 1e3 / len(calls)
 
-
-def events_ms(fn, reps=20) -> float:
-    """Median milliseconds of ``fn`` between CUDA events (host work included: for the eager loop)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def grouped_mm_fn():
@@ -236,7 +224,7 @@ def bench_model(model, stacks, bf16_w) -> None:
             timed(row, "bf16_grouped_mm_us", lambda sets=sets: graph_us(
                 [lambda s=s: bf16_grouped(*s, *bf16_w) for s in sets]))
         timed(row, "bf16_eager_us", lambda sets=sets: 1e3 * statistics.median(
-            events_ms(lambda s=s: bf16_eager(*s, *bf16_w), reps=5) for s in sets))
+            bc.median_event_ms(lambda s=s: bf16_eager(*s, *bf16_w), 5) for s in sets))
         if "cuda_us" in row:
             row["gbps"] = nbytes / (row["cuda_us"] * 1e-6) / 1e9
             row["frac_floor"] = floor_us / row["cuda_us"]

@@ -395,10 +395,7 @@ def main(argv=None) -> dict:
     """Run the benchmark; returns the JSON payload written to ``--out``."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and not args.quick:
-        logger.info("no CUDA device: running the quick mode")
-        args.quick = True
+    device = bc.resolve_device(args, logger)
     args.sets = max(args.sets or (3 if args.quick else 4), 3)
     if args.reference_max_t is None:
         args.reference_max_t = 1 << 30 if args.quick else 16

@@ -308,10 +308,7 @@ def main(argv=None) -> dict:
     """Run the benchmark; returns the JSON payload written to ``--out``."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and not args.quick:
-        logger.info("no CUDA device: running the quick mode")
-        args.quick = True
+    device = bc.resolve_device(args, logger)
     q = args.quick
     args.batch = args.batch or ([1, 2] if q else [1, 16])
     args.prompt_len = args.prompt_len or (8 if q else 32)
