@@ -8,12 +8,14 @@ Self-contained (puts the checkout on sys.path); on a CUDA GPU:
 1. Correctness of the compiled kernels (fresh random inputs; ||out - ref|| / ||ref|| against
    ``fused_experts_ref`` on fp32-upcast activations; fp16 < 3e-3, bf16 < 1.5e-2; NaN fails): both paths,
    bf16 and fp16, T=1, odd T, empty experts, top-k = E, sentinel ids, asymmetric zeros, groups
-   32/64/128/per-channel, 8-bit, split-K, online Hadamard; the four real shapes at T in {1, 7, 128, 2048};
+   32/64/128/per-channel, 8-bit, split-K, online Hadamard (separate pass, and fused into the slot-path down
+   kernel); the four real shapes at T in {1, 7, 128, 2048};
    ``moe_align`` against its PyTorch twin; the Hadamard rotation against ``hadamard_ref``; CUDA-graph
    capture; ``torch.compile(fullgraph=True, mode="reduce-overhead")`` over ``torch.ops.moeq.fused_experts``.
 2. Timing (median of CUDA-graph replays, ``do_bench_cudagraph``) on Mixtral-8x7B, Qwen3-30B-A3B,
    DeepSeek-V2-Lite, OLMoE at T in {1, 16, 128, 2048}: moeq (default configs) with and without online
-   Hadamard, transformers' bf16 ``grouped_mm`` experts (graph replays) and eager loop (``do_bench`` median).
+   Hadamard (and, where the default is the slot path, with the Hadamard fused into the down kernel:
+   the column that decides ``KernelConfig.hadamard``), transformers' bf16 ``grouped_mm`` experts (graph replays) and eager loop (``do_bench`` median).
    Each timed call cycles over 4 routing/input sets so small INT4 experts are not served from L2.
    Reported: us, GB/s of touched INT4 bytes, fraction of the floor (touched experts' INT4 weights + bf16
    g128 scales / 3.0 TB/s; at large T the compute floor 2*T*k*3*H*I / 738 TFLOP/s when larger),
@@ -31,6 +33,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -111,6 +114,8 @@ def routing(t, e, k, dtype=torch.bfloat16):
 
 # ------------------------------------------------------------------------------------------- checks
 SLOT = KernelConfig(path="slot", gate_up=GemmTile(block_n=32, block_k=128), down=GemmTile(block_n=16, block_k=256))
+# The fused-prologue Hadamard: its weight tile is [block_n, 16, c] (c = 16-32 on these shapes), so block_n 8.
+SLOT_FUSED = replace(SLOT, down=GemmTile(block_n=8), hadamard="fused")
 GROUPED = KernelConfig(path="grouped", gate_up=GemmTile(block_m=16, block_n=64, block_k=128),
                        down=GemmTile(block_m=16, block_n=64, block_k=128))
 PREFILL = KernelConfig(path="grouped", gate_up=GemmTile(block_m=64, block_n=128, block_k=64, num_warps=8),
@@ -144,6 +149,11 @@ def run_small_checks() -> None:
             for name, kw in cases.items():
                 kw = dict(kw, t=kw.get("t", 70 if cname.startswith("prefill") else 5))
                 record_check(f"small {cname} {str(dtype)[6:]} {name}", small_case, dtype, cfg, **kw)
+        fused_cases = {"I=384 (12*32)": dict(), "I=1408 (44*32) asym": dict(i=1408, sym=False),
+                       "I=768 group 32": dict(i=768, group=32), "sentinel ids": dict(idx=sentinel)}
+        for name, kw in fused_cases.items():
+            record_check(f"small slot fused-Hadamard {str(dtype)[6:]} {name}", small_case, dtype, SLOT_FUSED,
+                         hadamard=True, **kw)
 
 
 def align_case(t, k, e, bm):
@@ -175,9 +185,16 @@ def real_args(model, t, dtype, hadamard, stacks):
     return [x, idx, w, *stacks[0], *stacks[1], 4, 128, 4, 128, "silu", hadamard]
 
 
-def real_case(model, t, hadamard, stacks):
+def fused_config(model, t) -> KernelConfig | None:
+    """The default config of ``model`` at ``t`` tokens with the Hadamard fused into the down kernel, or None
+    when that config is not on the slot path (the only path with a fused variant)."""
+    cfg = select_config(*SHAPES[model], t)
+    return replace(cfg, down=replace(cfg.down, block_n=8), hadamard="fused") if cfg.path == "slot" else None
+
+
+def real_case(model, t, hadamard, stacks, config=None):
     args = real_args(model, t, torch.bfloat16, hadamard, stacks)
-    got = fused_experts_triton(*args)
+    got = fused_experts_triton(*args, config=config)
     return rel_err(got, fused_experts_ref(args[0].float(), *args[1:])), TOL[torch.bfloat16]
 
 
@@ -186,23 +203,29 @@ def run_real_checks(model, stacks) -> None:
         for hadamard in (False, True):
             path = select_config(*SHAPES[model], t).path
             record_check(f"{model} T={t} {path} hadamard={hadamard}", real_case, model, t, hadamard, stacks)
+        if fused_config(model, t) is not None:
+            record_check(f"{model} T={t} slot fused-Hadamard", real_case, model, t, True, stacks,
+                         config=fused_config(model, t))
 
 
-def graph_case(model, t, stacks):
+def graph_case(model, t, stacks, config=None):
     args = real_args(model, t, torch.bfloat16, True, stacks)
-    fused_experts_triton(*args)  # warm-up: compiles, fills the Hadamard factor cache
+    fused_experts_triton(*args, config=config)  # warm-up: compiles, fills the Hadamard factor cache
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = fused_experts_triton(*args)
+        out = fused_experts_triton(*args, config=config)
     args[0].copy_(torch.randn_like(args[0]))  # new input in place: the replay must follow it
     g.replay()
     torch.cuda.synchronize()
-    return rel_err(out, fused_experts_triton(*args)), 1e-6
+    return rel_err(out, fused_experts_triton(*args, config=config)), 1e-6
 
 
 def run_graph_checks(model, stacks) -> None:
     for t in (1, 16, 300):
         record_check(f"{model} CUDA graph capture + replay T={t}", graph_case, model, t, stacks)
+    if fused_config(model, 1) is not None:
+        record_check(f"{model} CUDA graph capture + replay T=1 fused-Hadamard", graph_case, model, 1, stacks,
+                     config=fused_config(model, 1))
 
     class Layer(torch.nn.Module):
         def forward(self, x, idx, w):
@@ -278,6 +301,15 @@ def bench_shape(model, stacks, tokens, skip_eager: bool) -> None:
                 row[key] = bench_graph(moeq) / SETS
             except FAILURES as exc:
                 row[key + "_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        fused = fused_config(model, t)
+        if fused is not None:  # the same layer with the Hadamard in the down kernel's prologue
+            try:
+                def moeq_fused(sets=sets, fused=fused):
+                    for s in sets:
+                        fused_experts_triton(*s[:-1], True, config=fused)
+                row["moeq_had_fused_us"] = bench_graph(moeq_fused) / SETS
+            except FAILURES as exc:
+                row["moeq_had_fused_us_error"] = f"{type(exc).__name__}: {exc}"[:300]
         for impl, key, timer in (("grouped_mm", "grouped_mm_us", bench_graph), ("eager", "eager_us", bench_eager)):
             if impl == "eager" and skip_eager:
                 continue
@@ -361,11 +393,12 @@ def fmt(v, spec=".1f") -> str:
 
 
 def markdown() -> str:
-    lines = ["| shape | T | touched | floor us | moeq us | +Had us | GB/s | % floor | grouped_mm us | eager us "
-             "| x vs grouped_mm | path |", "|" + "---|" * 12]
+    lines = ["| shape | T | touched | floor us | moeq us | +Had us | +Had fused us | GB/s | % floor | grouped_mm us "
+             "| eager us | x vs grouped_mm | path |", "|" + "---|" * 13]
     for r in RESULTS["bench"]:
         lines.append(f"| {r['model']} | {r['T']} | {r['touched']:.1f} | {fmt(r['floor_us'])} | "
-                     f"{fmt(r.get('moeq_us'))} | {fmt(r.get('moeq_had_us'))} | {fmt(r.get('gbps'), '.0f')} | "
+                     f"{fmt(r.get('moeq_us'))} | {fmt(r.get('moeq_had_us'))} | {fmt(r.get('moeq_had_fused_us'))} | "
+                     f"{fmt(r.get('gbps'), '.0f')} | "
                      f"{fmt(100 * r['frac_floor'] if 'frac_floor' in r else None, '.0f')} | "
                      f"{fmt(r.get('grouped_mm_us'))} | {fmt(r.get('eager_us'))} | "
                      f"{fmt(r.get('speedup_vs_grouped_mm'), '.2f')} | {r['config']['path']} |")

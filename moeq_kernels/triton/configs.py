@@ -19,7 +19,7 @@ JSON schema (``version`` 1)::
 The inner keys are token-count buckets: a call with ``T`` tokens uses the smallest bucket ``>= T``
 (the largest bucket when ``T`` exceeds all of them). ``KernelConfig`` fields: ``path``, ``gate_up`` and
 ``down`` (each a :class:`GemmTile` dict; missing keys take the dataclass defaults), ``hadamard_warps``
-(0 = automatic).
+(0 = automatic), ``hadamard`` (where the online Hadamard runs, see :data:`HADAMARD_MODES`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,14 @@ logger = logging.getLogger(__name__)
 ENV_TABLE = "MOEQ_TRITON_MOE_CONFIGS"
 PACKAGED_TABLE = Path(__file__).resolve().parent.parent / "configs" / "triton_moe.json"
 PATHS = ("slot", "grouped")
+# Where the online Hadamard on the down input runs (only read when a call asks for it):
+# "pass": its own launch rotating h in place between gate_up and down (moe_hadamard.rotate_rows_), the
+#   path measured on H100 (benchmarks/results/h100-2026-11-23: +1-3% of the layer at T >= 16, +2.3-5.5 us
+#   at T = 1);
+# "fused": the slot-path down kernel rotates the rows it reads in its prologue (moe_decode, unmeasured on
+#   GPU: the rotated activations never leave registers, one launch fewer, the rotation recomputed by every
+#   down program). Slot path only; why not for the grouped path: moe_hadamard's module docstring.
+HADAMARD_MODES = ("pass", "fused")
 # Tile widths along K the kernels are built for: powers of two, >= 16 (tl.dot's minimum K), <= 512
 # (a [BLOCK_N, 512] fp32 dequantized tile is already 64 registers per thread at 4 warps and BLOCK_N=16).
 BLOCK_K_CHOICES = (512, 256, 128, 64, 32, 16)
@@ -63,10 +71,16 @@ class KernelConfig:
     gate_up: GemmTile = field(default_factory=GemmTile)
     down: GemmTile = field(default_factory=GemmTile)
     hadamard_warps: int = 0  # 0: moe_hadamard.rotate_rows_ picks from the tile size
+    hadamard: str = "pass"  # one of HADAMARD_MODES
 
     def __post_init__(self):
         if self.path not in PATHS:
             raise ValueError(f"KernelConfig.path must be one of {PATHS}, got {self.path!r}")
+        if self.hadamard not in HADAMARD_MODES:
+            raise ValueError(f"KernelConfig.hadamard must be one of {HADAMARD_MODES}, got {self.hadamard!r}")
+        if self.hadamard == "fused" and self.path != "slot":
+            raise ValueError("KernelConfig.hadamard='fused' exists for the slot path only: a grouped down program "
+                             "would redo the rotation of all its BLOCK_M rows (see moe_hadamard); use 'pass'")
         for tile in (self.gate_up, self.down):
             for name in ("block_m", "block_n", "block_k"):
                 v = getattr(tile, name)
@@ -241,6 +255,50 @@ def rotation_plan(n: int) -> RotationPlan:
     if best is None:
         raise ValueError(f"Hadamard size {n} needs more than {MAX_ROTATION_TILE} padded values per row")
     return best[1]
+
+
+@dataclass(frozen=True)
+class FusedRotationPlan:
+    """Tiling of a length-``n`` row inside the fused down kernel: ``n = r * c``, the row viewed as
+    ``X [r, c]`` and padded to ``[r_pad, c]``, rotated in chunks of ``rb`` rows of ``X`` (the K tile of the
+    down GEMV is ``rb * c`` input features)."""
+
+    n: int
+    r: int
+    c: int
+    r_pad: int
+    rb: int
+
+
+# Rows of the rotated tile produced per K step of the fused down kernel: 16 is tl.dot's minimum N.
+FUSED_ROW_BLOCK = 16
+# Widest Sylvester factor the fused kernel holds ([c, c] in registers, and a [BLOCK_N, 16, c] weight tile).
+FUSED_MAX_C = 128
+
+
+@functools.lru_cache(maxsize=None)
+def fused_rotation_plan(n: int) -> FusedRotationPlan:
+    """The fused kernel's tiling of a length-``n`` row; ``ValueError`` naming the problem if it has none.
+
+    ``c`` (a power of two in 16..128 dividing the 2^k part of ``n``) minimizes ``c + r_pad``: per row,
+    ``X @ H_c`` costs ``n * c`` and ``H_r^T Y`` costs ``n * r_pad`` multiply-adds, and every down program
+    pays them (Qwen3 768 -> 24(32) x 32, DeepSeek 1408 -> 44(64) x 32, OLMoE 1024 -> 32 x 32,
+    Mixtral 14336 -> 112(128) x 128).
+    """
+    from moeq_kernels.hadamard import hadamard_factors
+
+    _, p = hadamard_factors(n)
+    best = None
+    c = 16
+    while c <= min(p, FUSED_MAX_C):
+        r = n // c
+        r_pad = max(FUSED_ROW_BLOCK, 1 << (r - 1).bit_length())
+        if best is None or c + r_pad < best.c + best.r_pad:
+            best = FusedRotationPlan(n, r, c, r_pad, FUSED_ROW_BLOCK)
+        c *= 2
+    if best is None:
+        raise ValueError(f"fused online Hadamard of size {n}: its power-of-two factor {p} is under 16")
+    return best
 
 
 def plan_reason(n: int) -> str | None:

@@ -6,7 +6,8 @@ sentinel expert ids skipped) with 2-5 launches and no host synchronization, so i
 and ``torch.compile(fullgraph=True)`` (the custom op is opaque to the compiler):
 
 * ``slot`` path (decode, :mod:`moe_decode`): gate_up GEMV + SwiGLU -> [Hadamard] -> down GEMV with the
-  top-k weighted sum fused (2 launches, 3 with the Hadamard).
+  top-k weighted sum fused (2 launches, 3 with the Hadamard pass, 2 with ``KernelConfig.hadamard="fused"``:
+  the rotation in the down kernel's prologue).
 * ``grouped`` path (prefill, :mod:`moe_prefill`): ``moe_align`` -> gate_up ``tl.dot`` + SwiGLU ->
   [Hadamard] -> down ``tl.dot`` (optional split-K) -> deterministic weighted reduce (4-5 launches).
 
@@ -159,11 +160,12 @@ def fused_experts_triton(
     h = torch.empty((t * top_k, inter), dtype=hidden.dtype, device=hidden.device)
     interp = interpreting()
     rotate = None
-    if online_hadamard:
+    fused = online_hadamard and cfg.hadamard == "fused"
+    if online_hadamard and not fused:
         def rotate(buf):
             rotate_rows_(buf, exact_dots=interp, num_warps=cfg.hadamard_warps, ids=ids, num_experts=w13.num_experts)
     if cfg.path == "slot":
-        launch_slot(x, ids, wts, w13, w2, h, out, cfg, bk13, bk2, rotate)
+        launch_slot(x, ids, wts, w13, w2, h, out, cfg, bk13, bk2, rotate, fused_rotation=fused, exact_dots=interp)
     else:
         align = moe_align_triton(top_k_index, w13.num_experts, cfg.gate_up.block_m)
         # Only bf16 needs fp32 dot operands in the interpreter; fp16 runs the GPU code path as is.

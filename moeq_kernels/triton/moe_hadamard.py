@@ -4,15 +4,24 @@
 the transform of :func:`moeq_kernels.reference.hadamard.hadamard_ref` (``H_n = H_m (x) H_{2^k}``,
 base-m index major, from :mod:`moeq_kernels.hadamard`).
 
-Where it runs, and why not inside the down GEMM: the Hadamard mixes the whole intermediate row, while
-every down program (a ``BLOCK_N`` slice of H outputs) walks K = I tile by tile. Applying it in the down
-prologue means each of the ``H / BLOCK_N`` programs (128-512 of them) recomputes the full-row transform of
-the same rows, and it still needs the rotated row as K tiles, which Triton cannot slice out of registers.
-So the rotation is its own small launch that rewrites ``h`` in place: the rotated activation never takes a
-separate buffer, and the traffic is one extra read+write of ``h`` — ``T*k*I*2`` bytes, L2-resident at decode
-(57 KB for Mixtral at T=1) and ~2% of the GEMM bytes at prefill. Its price at decode is one launch gap
-(~2-4 us under CUDA graphs, estimated; the lead measures it with ``gpu_kernels_check.py``, which times
-every shape with and without the rotation).
+Where it runs (``KernelConfig.hadamard``): this pass ("pass", the default), or, on the slot path only,
+inside the down kernel's prologue ("fused", ``moe_decode._down_slot_rot_kernel``). The Hadamard mixes the
+whole intermediate row while every down program (a ``BLOCK_N`` slice of the H outputs) walks K = I tile by
+tile, so a fused prologue makes each of the ``H / BLOCK_N`` programs redo the rotation of the rows it reads:
+``n * (c + r_pad)`` multiply-adds per row (``configs.fused_rotation_plan``) on top of its ``BLOCK_N * n``
+GEMM work. The choice, by the numbers:
+
+* grouped path (T*k > E): measured on H100 (benchmarks/results/h100-2026-11-23), this pass adds 1-3% of the
+  layer at T = 16-2048 (one read + write of ``h``, ``T*k*I*2`` bytes, ~2% of the GEMM bytes at prefill). A
+  prologue would add, per ``[BLOCK_M, BLOCK_N]`` down tile, ``(c + r_pad) / BLOCK_N`` times the tile's own
+  tensor-core work, times 2 bf16 splits for fp32 accuracy: 1.0x at OLMoE's 1024 (32 + 32, BLOCK_N = 128),
+  4.0x at Mixtral's 14336 (128 + 128) — far above 1-3%. So the grouped path keeps the pass.
+* slot path (T*k <= E): the pass costs one launch plus a one-row rotation, measured +2.2-5.5 us per layer at
+  T = 1 (Triton: Mixtral 193.2 -> 198.7, Qwen3 34.4 -> 36.7, DeepSeek-V2-Lite 72.9 -> 75.4, OLMoE 49.1 ->
+  51.3 us), 3-7% of the layer. The fused kernel removes the launch and the store of the rotated rows; its
+  recomputation is small for small ``I`` (Qwen3: 768 * 64 per row) and large for Mixtral (14336 * 256). It
+  is implemented and tested (interpreter, and ``gpu_kernels_check.py`` times both), but not yet measured on
+  a GPU, so the default stays "pass" until a measurement shows "fused" is faster for a shape.
 
 Kernel: one program per row. The row is viewed as ``X [R, C]`` (``x[r*C + c] = X[r, c]``) with ``C`` a
 power of two dividing the 2^k part, so ``H_n = H_R (x) H_C`` and ``x @ H_n = vec(H_R^T X H_C)``: two
@@ -38,19 +47,18 @@ from moeq_kernels.triton.configs import rotation_plan
 
 
 @functools.lru_cache(maxsize=32)
-def _row_factor(n: int, device: torch.device) -> torch.Tensor:
-    """``H_R`` zero-padded to fp32 ``[r_pad, r_pad]`` on ``device`` (built once per size and device;
+def row_factor(r: int, r_pad: int, device: torch.device) -> torch.Tensor:
+    """``H_r`` zero-padded to fp32 ``[r_pad, r_pad]`` on ``device`` (built once per size and device;
     the first call must happen outside CUDA-graph capture, e.g. in a warm-up run)."""
     from moeq_kernels.hadamard import hadamard_matrix
 
-    plan = rotation_plan(n)
-    out = torch.zeros(plan.r_pad, plan.r_pad, dtype=torch.float32)
-    out[: plan.r, : plan.r] = hadamard_matrix(plan.r, torch.float32)
+    out = torch.zeros(r_pad, r_pad, dtype=torch.float32)
+    out[:r, :r] = hadamard_matrix(r, torch.float32)
     return out.to(device)
 
 
 @triton.jit
-def _sylvester(C: tl.constexpr, C_PAD: tl.constexpr, DTYPE: tl.constexpr):
+def sylvester(C: tl.constexpr, C_PAD: tl.constexpr, DTYPE: tl.constexpr):
     """``H_C[i, j] = (-1)^popcount(i & j)`` zero-padded to ``[C_PAD, C_PAD]`` (C_PAD <= 2^10)."""
     i = tl.arange(0, C_PAD)[:, None]
     j = tl.arange(0, C_PAD)[None, :]
@@ -63,7 +71,7 @@ def _sylvester(C: tl.constexpr, C_PAD: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _split_dot(x, hm, SPLITS: tl.constexpr):
+def split_dot(x, hm, SPLITS: tl.constexpr):
     """fp32 ``x [M, K] @ hm [K, N]`` (``hm`` +-1/0): ``SPLITS`` bf16 terms of ``x``; 0 = fp32 ieee dot."""
     if SPLITS == 0:
         return tl.dot(x, hm, input_precision="ieee")
@@ -89,9 +97,9 @@ def _rotate_rows_kernel(h_ptr, hr_ptr, ids_ptr, N, E, scale,
     row = h_ptr + tl.program_id(0).to(tl.int64) * N
     mask = (r < R)[:, None] & (c < C)[None, :]
     x = tl.load(row + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = _split_dot(x, _sylvester(C, C_PAD, DTYPE), SPLITS_IN)  # X @ H_C, [R_PAD, C_PAD]
+    y = split_dot(x, sylvester(C, C_PAD, DTYPE), SPLITS_IN)  # X @ H_C, [R_PAD, C_PAD]
     hr = tl.load(hr_ptr + r[:, None] * R_PAD + r[None, :]).to(DTYPE)
-    zt = _split_dot(tl.trans(y), hr, SPLITS_MID)  # (H_R^T X H_C)^T, [C_PAD, R_PAD]
+    zt = split_dot(tl.trans(y), hr, SPLITS_MID)  # (H_R^T X H_C)^T, [C_PAD, R_PAD]
     out = (zt * scale).to(h_ptr.dtype.element_ty)
     tl.store(row + r[None, :] * C + c[:, None], out, mask=tl.trans(mask))
 
@@ -116,7 +124,7 @@ def rotate_rows_(h: torch.Tensor, exact_dots: bool, num_warps: int = 0,
         # A bf16 row is exact in one bf16 term; fp16 needs two (11 significant bits > bf16's 8).
         splits_in, splits_mid = (1 if h.dtype == torch.bfloat16 else 2), 2
     warps = num_warps or (8 if plan.r_pad * plan.c_pad > 4096 else 4)
-    _rotate_rows_kernel[(rows,)](h, _row_factor(n, h.device), h if ids is None else ids, n, num_experts,
+    _rotate_rows_kernel[(rows,)](h, row_factor(plan.r, plan.r_pad, h.device), h if ids is None else ids, n, num_experts,
                                  1.0 / math.sqrt(n), R=plan.r, C=plan.c, R_PAD=plan.r_pad, C_PAD=plan.c_pad,
                                  SPLITS_IN=splits_in, SPLITS_MID=splits_mid, HAS_IDS=ids is not None,
                                  num_warps=warps)

@@ -74,6 +74,28 @@ def unpack_codes(words, BITS: tl.constexpr):
 
 
 @triton.jit
+def _scale_codes(biased, s_ptr, z_ptr, sg, s_mask, ONE_GROUP: tl.constexpr, BITS: tl.constexpr,
+                 GROUP: tl.constexpr, HAS_Z: tl.constexpr):
+    """``(q - z) * s`` of biased codes ``[M, W]`` (``2^23 + q`` as fp32). ``sg``: flat group indices into
+    scales/zeros, ``[M]`` when ``ONE_GROUP`` (the tile's row lies in one group), else ``[M, W // GROUP]``."""
+    s = tl.load(s_ptr + sg, mask=s_mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + sg, mask=s_mask, other=0).to(tl.float32)
+    else:
+        z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
+    if ONE_GROUP:
+        return (biased - (z + 8388608.0)[:, None]) * s[:, None]
+    w3 = tl.reshape(biased, (biased.shape[0], biased.shape[1] // GROUP, GROUP))
+    return tl.reshape((w3 - (z + 8388608.0)[:, :, None]) * s[:, :, None], (biased.shape[0], biased.shape[1]))
+
+
+@triton.jit
+def _biased_codes(words, BITS: tl.constexpr):
+    # 0x4B000000 is the bit pattern of 2^23: OR-ing a code below 2^23 into it gives the float 2^23 + q.
+    return (unpack_codes(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def dequant_tile(qw_ptr, s_ptr, z_ptr, rows, row_mask, k0, KW, G,
                  BLOCK_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr):
     """fp32 ``[BLOCK_N, BLOCK_K]`` dequantized weights ``W[row, k0:k0+BLOCK_K]``.
@@ -89,28 +111,32 @@ def dequant_tile(qw_ptr, s_ptr, z_ptr, rows, row_mask, k0, KW, G,
     PER_WORD: tl.constexpr = 32 // BITS
     wk = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
     words = tl.load(qw_ptr + rows[:, None] * KW + wk[None, :], mask=row_mask[:, None], other=0)
-    # 0x4B000000 is the bit pattern of 2^23: OR-ing a code below 2^23 into it gives the float 2^23 + q.
-    biased = (unpack_codes(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True)
+    biased = _biased_codes(words, BITS)
     if GROUP % BLOCK_K == 0:
-        g = k0 // GROUP
-        s = tl.load(s_ptr + rows * G + g, mask=row_mask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + rows * G + g, mask=row_mask, other=0).to(tl.float32)
-        else:
-            z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
-        w = (biased - (z + 8388608.0)[:, None]) * s[:, None]
-    else:
-        NG: tl.constexpr = BLOCK_K // GROUP
-        g = k0 // GROUP + tl.arange(0, NG)
-        sg = rows[:, None] * G + g[None, :]
-        s = tl.load(s_ptr + sg, mask=row_mask[:, None], other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + sg, mask=row_mask[:, None], other=0).to(tl.float32)
-        else:
-            z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
-        w3 = tl.reshape(biased, (biased.shape[0], NG, GROUP))
-        w = tl.reshape((w3 - (z + 8388608.0)[:, :, None]) * s[:, :, None], (biased.shape[0], BLOCK_K))
-    return w
+        return _scale_codes(biased, s_ptr, z_ptr, rows * G + k0 // GROUP, row_mask, True, BITS, GROUP, HAS_Z)
+    g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+    return _scale_codes(biased, s_ptr, z_ptr, rows[:, None] * G + g[None, :], row_mask[:, None], False,
+                        BITS, GROUP, HAS_Z)
+
+
+@triton.jit
+def dequant_rows(qw_ptr, s_ptr, z_ptr, rows, row_mask, kstart, KW, G,
+                 WIDTH: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr):
+    """fp32 ``[M, WIDTH]``: row ``m`` is ``W[rows[m], kstart[m] : kstart[m] + WIDTH]``.
+
+    :func:`dequant_tile` with a K offset per row instead of one per tile (the fused-Hadamard down kernel
+    reads one ``WIDTH``-wide slice per row of its rotated tile). ``rows``/``row_mask``/``kstart``: ``[M]``
+    (int64 / bool / int); ``kstart`` multiples of ``WIDTH``, and ``GROUP % WIDTH == 0`` or
+    ``WIDTH % GROUP == 0`` (checked by the host).
+    """
+    PER_WORD: tl.constexpr = 32 // BITS
+    wk = kstart[:, None] // PER_WORD + tl.arange(0, WIDTH // PER_WORD)[None, :]
+    words = tl.load(qw_ptr + rows[:, None] * KW + wk, mask=row_mask[:, None], other=0)
+    biased = _biased_codes(words, BITS)
+    if GROUP % WIDTH == 0:
+        return _scale_codes(biased, s_ptr, z_ptr, rows * G + kstart // GROUP, row_mask, True, BITS, GROUP, HAS_Z)
+    g = kstart[:, None] // GROUP + tl.arange(0, WIDTH // GROUP)[None, :]
+    return _scale_codes(biased, s_ptr, z_ptr, rows[:, None] * G + g, row_mask[:, None], False, BITS, GROUP, HAS_Z)
 
 
 @triton.jit

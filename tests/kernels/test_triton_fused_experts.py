@@ -190,3 +190,45 @@ def test_cuda_graph_capture_bf16():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+# ------------------------------------------------------ online Hadamard fused into the slot-path down kernel
+def _fused(block_n=8):
+    return KernelConfig(path="slot", gate_up=GemmTile(block_n=64, block_k=32), down=GemmTile(block_n=block_n),
+                        hadamard="fused")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(t=2, i=192, group=16, sym=False),                 # 12 x 16: H_12 base, two groups per tile row
+        dict(t=1, i=640, group=64, seed=2),                    # 20 x 32: two 16-row blocks of the rotated tile
+        dict(t=2, i=128, group=-1, dtype=torch.bfloat16),      # power of two, per-channel, bf16
+        dict(t=2, idx=torch.tensor([[0, -1], [3, 9]]), i=192),  # sentinel ids skipped (-1 and >= E)
+    ],
+    ids=["12x16-asym-g16", "20x32", "pow2-bf16", "sentinels"],
+)
+def test_fused_hadamard_matches_reference(kwargs):
+    _check(_case(**kwargs), True, _fused(block_n=16))
+
+
+def test_fused_hadamard_equals_the_separate_pass():
+    # Same math, two kernels: the outputs agree to a couple of output roundings.
+    args = _case(t=2, i=192, seed=7)
+    fused = fused_experts_triton(*args, "silu", True, config=_fused())
+    passed = fused_experts_triton(*args, "silu", True, config=SLOT)
+    assert ((fused.float() - passed.float()).norm() / passed.float().norm()).item() < 2e-3
+
+
+def test_fused_hadamard_plans_and_refusals():
+    plan = configs.fused_rotation_plan
+    # (r, c, r_pad) of the real intermediate sizes: c + r_pad is the per-row rotation cost.
+    assert [(p.r, p.c, p.r_pad) for p in map(plan, (768, 1408, 1024, 14336))] == \
+        [(24, 32, 32), (44, 32, 64), (32, 32, 32), (112, 128, 128)]
+    with pytest.raises(ValueError, match="under 16"):
+        plan(96)                                               # 12 x 8: no Sylvester factor >= 16
+    with pytest.raises(ValueError, match="slot path only"):
+        KernelConfig(path="grouped", hadamard="fused")         # grouped programs would redo the rotation
+    with pytest.raises(ValueError, match="does not align"):
+        # I = 768 tiles as 24 x 32; group 48 straddles the 32-wide rows of the rotated tile.
+        fused_experts_triton(*_case(t=1, h=96, i=768, group=48), "silu", True, config=_fused())
