@@ -114,8 +114,7 @@ def routing(t, e, k, dtype=torch.bfloat16):
 
 # ------------------------------------------------------------------------------------------- checks
 SLOT = KernelConfig(path="slot", gate_up=GemmTile(block_n=32, block_k=128), down=GemmTile(block_n=16, block_k=256))
-# The fused-prologue Hadamard: its weight tile is [block_n, 16, c] (c = 16-32 on these shapes), so block_n 8.
-SLOT_FUSED = replace(SLOT, down=GemmTile(block_n=8), hadamard="fused")
+SLOT_FUSED = replace(SLOT, hadamard="fused")  # the Hadamard in the down kernel's prologue
 GROUPED = KernelConfig(path="grouped", gate_up=GemmTile(block_m=16, block_n=64, block_k=128),
                        down=GemmTile(block_m=16, block_n=64, block_k=128))
 PREFILL = KernelConfig(path="grouped", gate_up=GemmTile(block_m=64, block_n=128, block_k=64, num_warps=8),
@@ -189,7 +188,7 @@ def fused_config(model, t) -> KernelConfig | None:
     """The default config of ``model`` at ``t`` tokens with the Hadamard fused into the down kernel, or None
     when that config is not on the slot path (the only path with a fused variant)."""
     cfg = select_config(*SHAPES[model], t)
-    return replace(cfg, down=replace(cfg.down, block_n=8), hadamard="fused") if cfg.path == "slot" else None
+    return replace(cfg, hadamard="fused") if cfg.path == "slot" else None
 
 
 def real_case(model, t, hadamard, stacks, config=None):
@@ -382,9 +381,40 @@ def sweep_shape(model, stacks, tokens, deadline: float) -> dict:
                                              config=cfg.to_dict()))
         if timings:
             us, cfg = min(timings, key=lambda x: x[0])
+            if cfg.path == "slot" and time.perf_counter() < deadline:
+                cfg = sweep_hadamard_mode(model, t, cfg, stacks)
             best[str(t)] = cfg.to_dict()
             logger.info("sweep %s T=%d: best %.1f us (default %.1f us)", model, t, us, timings[0][0])
     return best
+
+
+def sweep_hadamard_mode(model, t, cfg: KernelConfig, stacks) -> KernelConfig:
+    """``cfg`` with the faster online-Hadamard placement on this shape (timed with the Hadamard on): the
+    separate pass, or the fused down kernel at a few ``hadamard_block_n``."""
+    sets = [real_args(model, t, torch.bfloat16, True, stacks) for _ in range(SETS)]
+    ref = fused_experts_ref(sets[0][0].float(), *sets[0][1:])
+    timings = []
+    for cand in [replace(cfg, hadamard="pass")] + [replace(cfg, hadamard="fused", hadamard_block_n=b) for b in (4, 8, 16)]:
+        try:
+            err = rel_err(fused_experts_triton(*sets[0], config=cand), ref)
+            if not err < TOL[torch.bfloat16]:
+                raise AssertionError(f"wrong result, relative error {err:.2e}")
+
+            def run(sets=sets, cand=cand):
+                for s in sets:
+                    fused_experts_triton(*s, config=cand)
+            us = bench_graph(run, rep_ms=40) / SETS
+            timings.append((us, cand))
+            RESULTS["sweep"].append(dict(model=model, T=t, hadamard=True, us=us, config=cand.to_dict()))
+        except FAILURES as exc:
+            RESULTS["sweep"].append(dict(model=model, T=t, hadamard=True, config=cand.to_dict(),
+                                         error=f"{type(exc).__name__}: {exc}"[:300]))
+    if not timings:
+        return cfg
+    us, pick = min(timings, key=lambda x: x[0])
+    logger.info("sweep %s T=%d with Hadamard: %s (%.1f us; pass %.1f us)", model, t, pick.hadamard, us,
+                timings[0][0] if timings[0][1].hadamard == "pass" else float("nan"))
+    return pick
 
 
 # ------------------------------------------------------------------------------------------- report

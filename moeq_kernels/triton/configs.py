@@ -19,7 +19,8 @@ JSON schema (``version`` 1)::
 The inner keys are token-count buckets: a call with ``T`` tokens uses the smallest bucket ``>= T``
 (the largest bucket when ``T`` exceeds all of them). ``KernelConfig`` fields: ``path``, ``gate_up`` and
 ``down`` (each a :class:`GemmTile` dict; missing keys take the dataclass defaults), ``hadamard_warps``
-(0 = automatic), ``hadamard`` (where the online Hadamard runs, see :data:`HADAMARD_MODES`).
+(0 = automatic), ``hadamard`` (where the online Hadamard runs, see :data:`HADAMARD_MODES`),
+``hadamard_block_n`` (outputs per program of the fused variant).
 """
 
 from __future__ import annotations
@@ -72,12 +73,17 @@ class KernelConfig:
     down: GemmTile = field(default_factory=GemmTile)
     hadamard_warps: int = 0  # 0: moe_hadamard.rotate_rows_ picks from the tile size
     hadamard: str = "pass"  # one of HADAMARD_MODES
+    # Outputs per program of the fused-Hadamard down kernel (its weight tile is [hadamard_block_n, 16, c]:
+    # 8 x 16 x 32 = 4K fp32, the size of the plain slot kernel's 16 x 256 tile; unmeasured, to tune on H100).
+    hadamard_block_n: int = 8
 
     def __post_init__(self):
         if self.path not in PATHS:
             raise ValueError(f"KernelConfig.path must be one of {PATHS}, got {self.path!r}")
         if self.hadamard not in HADAMARD_MODES:
             raise ValueError(f"KernelConfig.hadamard must be one of {HADAMARD_MODES}, got {self.hadamard!r}")
+        if self.hadamard_block_n < 1 or self.hadamard_block_n & (self.hadamard_block_n - 1):
+            raise ValueError(f"hadamard_block_n={self.hadamard_block_n} must be a power of two")
         if self.hadamard == "fused" and self.path != "slot":
             raise ValueError("KernelConfig.hadamard='fused' exists for the slot path only: a grouped down program "
                              "would redo the rotation of all its BLOCK_M rows (see moe_hadamard); use 'pass'")

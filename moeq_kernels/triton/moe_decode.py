@@ -192,7 +192,7 @@ def launch_slot(x, ids, wts, w13, w2, h, out, cfg, bk13: int, bk2: int, rotate=N
         BLOCK_N=gu.block_n, BLOCK_K=bk13, BITS=w13.bits, GROUP=w13.group, HAS_Z=w13.has_zeros,
         num_warps=gu.num_warps, num_stages=gu.num_stages)
     if fused_rotation:
-        launch_down_rotated(h, ids, wts, w2, out, dn.block_n, dn.num_warps, dn.num_stages, exact_dots)
+        launch_down_rotated(h, ids, wts, w2, out, cfg.hadamard_block_n, dn.num_warps, dn.num_stages, exact_dots)
         return
     if rotate is not None:
         rotate(h)

@@ -194,8 +194,8 @@ def test_cuda_graph_capture_bf16():
 
 # ------------------------------------------------------ online Hadamard fused into the slot-path down kernel
 def _fused(block_n=8):
-    return KernelConfig(path="slot", gate_up=GemmTile(block_n=64, block_k=32), down=GemmTile(block_n=block_n),
-                        hadamard="fused")
+    return KernelConfig(path="slot", gate_up=GemmTile(block_n=64, block_k=32), down=GemmTile(block_n=32, block_k=32),
+                        hadamard="fused", hadamard_block_n=block_n)
 
 
 @pytest.mark.parametrize(

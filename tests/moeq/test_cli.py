@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -97,4 +98,8 @@ def test_eval_without_tokenizer_says_so(tmp_path, capsys):
 def test_demo_runs(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "max |diff| 0.00e+00" in out and "generate:" in out
+    # Quantized model vs a fake-quant copy (the dequantized weights in transformers' own experts): the same
+    # products summed in another order (transformers 5.23's grouped_mm), so fp32 rounding, not bit equality.
+    diff, peak = re.search(r"fake-quant max \|diff\| (\S+);.*\(max \|logit\| (\S+)\)", out).groups()
+    assert float(diff) <= 1e-5 * float(peak), out
+    assert "generate:" in out
