@@ -354,6 +354,25 @@ def sweep_candidates(model, t) -> list[KernelConfig]:
     return list(dict.fromkeys(out))
 
 
+def time_candidate(model, t, cfg: KernelConfig, sets, ref, hadamard: bool) -> float | None:
+    """Check ``cfg`` against ``ref`` on the first set, then its median us per call over ``sets`` (recorded in
+    ``RESULTS["sweep"]``); None when it fails or is wrong (recorded with the error)."""
+    rec = dict(model=model, T=t, hadamard=hadamard, config=cfg.to_dict())
+    try:
+        err = rel_err(fused_experts_triton(*sets[0], config=cfg), ref)
+        if not err < TOL[torch.bfloat16]:
+            raise AssertionError(f"wrong result, relative error {err:.2e}")
+
+        def run():
+            for s in sets:
+                fused_experts_triton(*s, config=cfg)
+        rec["us"] = bench_graph(run, rep_ms=40) / SETS
+    except FAILURES as exc:
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    RESULTS["sweep"].append(rec)
+    return rec.get("us")
+
+
 def sweep_shape(model, stacks, tokens, deadline: float) -> dict:
     """Time each candidate config; returns ``{bucket: best config dict}`` for the JSON table."""
     best = {}
@@ -365,20 +384,9 @@ def sweep_shape(model, stacks, tokens, deadline: float) -> dict:
             if time.perf_counter() > deadline:
                 logger.warning("sweep deadline reached; %s T=%d not finished", model, t)
                 break
-            try:
-                err = rel_err(fused_experts_triton(*sets[0], config=cfg), ref)
-                if not err < TOL[torch.bfloat16]:
-                    raise AssertionError(f"wrong result, relative error {err:.2e}")
-
-                def run(sets=sets, cfg=cfg):
-                    for s in sets:
-                        fused_experts_triton(*s, config=cfg)
-                us = bench_graph(run, rep_ms=40) / SETS
+            us = time_candidate(model, t, cfg, sets, ref, hadamard=False)
+            if us is not None:
                 timings.append((us, cfg))
-                RESULTS["sweep"].append(dict(model=model, T=t, us=us, config=cfg.to_dict()))
-            except FAILURES as exc:
-                RESULTS["sweep"].append(dict(model=model, T=t, error=f"{type(exc).__name__}: {exc}"[:300],
-                                             config=cfg.to_dict()))
         if timings:
             us, cfg = min(timings, key=lambda x: x[0])
             if cfg.path == "slot" and time.perf_counter() < deadline:
@@ -393,27 +401,12 @@ def sweep_hadamard_mode(model, t, cfg: KernelConfig, stacks) -> KernelConfig:
     separate pass, or the fused down kernel at a few ``hadamard_block_n``."""
     sets = [real_args(model, t, torch.bfloat16, True, stacks) for _ in range(SETS)]
     ref = fused_experts_ref(sets[0][0].float(), *sets[0][1:])
-    timings = []
-    for cand in [replace(cfg, hadamard="pass")] + [replace(cfg, hadamard="fused", hadamard_block_n=b) for b in (4, 8, 16)]:
-        try:
-            err = rel_err(fused_experts_triton(*sets[0], config=cand), ref)
-            if not err < TOL[torch.bfloat16]:
-                raise AssertionError(f"wrong result, relative error {err:.2e}")
-
-            def run(sets=sets, cand=cand):
-                for s in sets:
-                    fused_experts_triton(*s, config=cand)
-            us = bench_graph(run, rep_ms=40) / SETS
-            timings.append((us, cand))
-            RESULTS["sweep"].append(dict(model=model, T=t, hadamard=True, us=us, config=cand.to_dict()))
-        except FAILURES as exc:
-            RESULTS["sweep"].append(dict(model=model, T=t, hadamard=True, config=cand.to_dict(),
-                                         error=f"{type(exc).__name__}: {exc}"[:300]))
+    cands = [replace(cfg, hadamard="pass")] + [replace(cfg, hadamard="fused", hadamard_block_n=b) for b in (4, 8, 16)]
+    timings = [(us, c) for c in cands if (us := time_candidate(model, t, c, sets, ref, hadamard=True)) is not None]
     if not timings:
         return cfg
     us, pick = min(timings, key=lambda x: x[0])
-    logger.info("sweep %s T=%d with Hadamard: %s (%.1f us; pass %.1f us)", model, t, pick.hadamard, us,
-                timings[0][0] if timings[0][1].hadamard == "pass" else float("nan"))
+    logger.info("sweep %s T=%d with Hadamard: %s, %.1f us", model, t, pick.hadamard, us)
     return pick
 
 
