@@ -83,10 +83,14 @@ def _scale_codes(biased, s_ptr, z_ptr, sg, s_mask, ONE_GROUP: tl.constexpr, BITS
         z = tl.load(z_ptr + sg, mask=s_mask, other=0).to(tl.float32)
     else:
         z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
+    # if/else with one return: the Triton compiler also visits the statements after a return in a taken
+    # constexpr branch, and the reshape below is invalid when a group spans the whole tile.
     if ONE_GROUP:
-        return (biased - (z + 8388608.0)[:, None]) * s[:, None]
-    w3 = tl.reshape(biased, (biased.shape[0], biased.shape[1] // GROUP, GROUP))
-    return tl.reshape((w3 - (z + 8388608.0)[:, :, None]) * s[:, :, None], (biased.shape[0], biased.shape[1]))
+        w = (biased - (z + 8388608.0)[:, None]) * s[:, None]
+    else:
+        w3 = tl.reshape(biased, (biased.shape[0], biased.shape[1] // GROUP, GROUP))
+        w = tl.reshape((w3 - (z + 8388608.0)[:, :, None]) * s[:, :, None], (biased.shape[0], biased.shape[1]))
+    return w
 
 
 @triton.jit
@@ -113,10 +117,12 @@ def dequant_tile(qw_ptr, s_ptr, z_ptr, rows, row_mask, k0, KW, G,
     words = tl.load(qw_ptr + rows[:, None] * KW + wk[None, :], mask=row_mask[:, None], other=0)
     biased = _biased_codes(words, BITS)
     if GROUP % BLOCK_K == 0:
-        return _scale_codes(biased, s_ptr, z_ptr, rows * G + k0 // GROUP, row_mask, True, BITS, GROUP, HAS_Z)
-    g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-    return _scale_codes(biased, s_ptr, z_ptr, rows[:, None] * G + g[None, :], row_mask[:, None], False,
-                        BITS, GROUP, HAS_Z)
+        w = _scale_codes(biased, s_ptr, z_ptr, rows * G + k0 // GROUP, row_mask, True, BITS, GROUP, HAS_Z)
+    else:
+        g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        w = _scale_codes(biased, s_ptr, z_ptr, rows[:, None] * G + g[None, :], row_mask[:, None], False,
+                         BITS, GROUP, HAS_Z)
+    return w
 
 
 @triton.jit
@@ -134,9 +140,11 @@ def dequant_rows(qw_ptr, s_ptr, z_ptr, rows, row_mask, kstart, KW, G,
     words = tl.load(qw_ptr + rows[:, None] * KW + wk, mask=row_mask[:, None], other=0)
     biased = _biased_codes(words, BITS)
     if GROUP % WIDTH == 0:
-        return _scale_codes(biased, s_ptr, z_ptr, rows * G + kstart // GROUP, row_mask, True, BITS, GROUP, HAS_Z)
-    g = kstart[:, None] // GROUP + tl.arange(0, WIDTH // GROUP)[None, :]
-    return _scale_codes(biased, s_ptr, z_ptr, rows[:, None] * G + g, row_mask[:, None], False, BITS, GROUP, HAS_Z)
+        w = _scale_codes(biased, s_ptr, z_ptr, rows * G + kstart // GROUP, row_mask, True, BITS, GROUP, HAS_Z)
+    else:
+        g = kstart[:, None] // GROUP + tl.arange(0, WIDTH // GROUP)[None, :]
+        w = _scale_codes(biased, s_ptr, z_ptr, rows[:, None] * G + g, row_mask[:, None], False, BITS, GROUP, HAS_Z)
+    return w
 
 
 @triton.jit

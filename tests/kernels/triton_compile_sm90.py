@@ -1,0 +1,129 @@
+"""Compile every Triton kernel launch of moeq's MoE and Hadamard paths for sm_90, on a machine without a GPU.
+
+Why: the Triton interpreter (how the CPU tests run the kernels) executes the kernels as Python, so code that
+the compiler rejects can pass there (e.g. statements after a ``return`` in a constexpr branch are still
+compiled, and their shapes must be valid). This script runs the real launchers on CPU tensors with
+``JITFunction.run`` replaced by a recorder that compiles each launch's exact specialization (argument dtypes,
+constexprs, ``num_warps`` / ``num_stages``) for ``GPUTarget("cuda", 90, 32)`` and launches nothing.
+
+Run by ``tests/kernels/test_triton_compile.py`` in a subprocess without ``TRITON_INTERPRET`` (kernels must
+be ``JITFunction`` objects, not interpreted ones). Prints one line per distinct compile and, last,
+``compiled N kernels, M failed``; exit status 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+TARGET = GPUTarget("cuda", 90, 32)
+TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
+            torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+SEEN: dict = {}
+FAILED: list = []
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + TL_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unsupported kernel argument {type(value).__name__}")
+
+
+def _compile_launch(self: JITFunction, *args, grid, warmup, **kwargs):
+    """Stand-in for ``JITFunction.run``: compile this launch for sm_90, launch nothing."""
+    options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
+    values = dict(zip(self.arg_names, args)) | kwargs
+    signature, constexprs = {}, {}
+    for i, param in enumerate(self.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[(i,)] = value
+        else:
+            signature[param.name] = _arg_type(value)
+    key = (self.fn.__qualname__, tuple(signature.items()), tuple(sorted(constexprs.items())),
+           tuple(sorted(options.items())))
+    if key in SEEN:
+        return None
+    name = f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__} " + " ".join(
+        f"{self.params[i[0]].name}={v}" for i, v in constexprs.items()) + f" {options}"
+    try:
+        triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs), target=TARGET,
+                       options=options)
+        SEEN[key] = "ok"
+        print("ok     ", name, flush=True)
+    except Exception as exc:  # noqa: BLE001 - any compiler error is a finding; report it and go on
+        SEEN[key] = "FAILED"
+        FAILED.append(name)
+        print("FAILED ", name, "\n", "".join(traceback.format_exception(exc))[-3000:], flush=True)
+    return None
+
+
+def _stack(e, n, k, bits, group, dtype, asym):
+    g = k if group == -1 else group
+    qweight = torch.zeros(e, n, k * bits // 32, dtype=torch.int32)
+    scales = torch.ones(e, n, k // g, dtype=dtype)
+    zeros = torch.zeros(e, n, k // g, dtype=torch.uint8) if asym else None
+    return [qweight, scales, zeros]
+
+
+def _experts_case(e, h, i, k, t, dtype=torch.bfloat16, bits=4, group=128, asym=False, hadamard=False,
+                  config=None):
+    from moeq_kernels.triton.moe_gemm import fused_experts_triton
+
+    x = torch.zeros(t, h, dtype=dtype)
+    idx = torch.stack([torch.arange(k) for _ in range(t)])
+    w = torch.ones(t, k)
+    fused_experts_triton(x, idx, w, *_stack(e, 2 * i, h, bits, group, dtype, asym),
+                         *_stack(e, h, i, bits, group, dtype, asym), bits, group, bits, group, "silu", hadamard,
+                         config=config)
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("TRITON_INTERPRET=1 is set: kernels would be interpreted, not compiled", file=sys.stderr)
+        return 2
+    JITFunction.run = _compile_launch
+    from dataclasses import replace
+
+    from moeq_kernels.triton.configs import select_config
+    from moeq_kernels.triton.hadamard import hadamard_triton
+
+    shapes = {"Mixtral-8x7B": (8, 4096, 14336, 2), "Qwen3-30B-A3B": (128, 2048, 768, 8),
+              "DeepSeek-V2-Lite": (64, 2048, 1408, 6), "OLMoE-1B-7B": (64, 2048, 1024, 8)}
+    for (e, h, i, k) in shapes.values():
+        for t in (1, 16, 2048):  # the default configs of the decode and prefill buckets
+            _experts_case(e, h, i, k, t, hadamard=True)
+            cfg = select_config(e, h, i, k, t)
+            if cfg.path == "slot":
+                _experts_case(e, h, i, k, t, hadamard=True, config=replace(cfg, hadamard="fused"))
+    # Format variants on one shape: fp16 + asymmetric zeros, 8-bit, group 32 and per-channel, split-K.
+    e, h, i, k = shapes["OLMoE-1B-7B"]
+    for kw in (dict(dtype=torch.float16, asym=True), dict(bits=8), dict(group=32), dict(group=-1)):
+        for t in (1, 256):
+            _experts_case(e, h, i, k, t, hadamard=t == 1, **kw)
+    cfg = select_config(e, h, i, k, 256)
+    _experts_case(e, h, i, k, 256, config=replace(cfg, down=replace(cfg.down, split_k=2)))
+    for n in (768, 1408, 1024, 14336, 4096):  # the standalone Hadamard op
+        for dtype in (torch.bfloat16, torch.float32):
+            hadamard_triton(torch.zeros(64, n, dtype=dtype), 1.0)
+    print(f"compiled {len(SEEN)} kernels, {len(FAILED)} failed")
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
