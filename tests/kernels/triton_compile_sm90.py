@@ -7,15 +7,21 @@ compiled, and their shapes must be valid). This script runs the real launchers o
 constexprs, ``num_warps`` / ``num_stages``) for ``GPUTarget("cuda", 90, 32)`` and launches nothing.
 
 Run by ``tests/kernels/test_triton_compile.py`` in a subprocess without ``TRITON_INTERPRET`` (kernels must
-be ``JITFunction`` objects, not interpreted ones). Prints one line per distinct compile and, last,
-``compiled N kernels, M failed``; exit status 1 if any failed.
+be ``JITFunction`` objects, not interpreted ones). Prints one line per distinct compile with ptxas's static
+resource use when Triton's bundled ``cuobjdump`` is present (registers per thread, stack bytes per thread:
+a non-zero stack is register spilling), and last ``compiled N kernels, M failed``; exit status 1 if any
+failed. ``--markdown PATH`` also writes the launches and their resource use as a table.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
+from pathlib import Path
 
 import torch
 import triton
@@ -27,8 +33,22 @@ TARGET = GPUTarget("cuda", 90, 32)
 TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
             torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 SEEN: dict = {}
 FAILED: list = []
+ROWS: list = []  # (kernel, constexprs, options, regs, stack)
+
+
+def _resources(cubin: bytes) -> tuple[int, int] | None:
+    """(registers, stack bytes) per thread of a cubin from ``cuobjdump -res-usage``; None if unavailable."""
+    if not CUOBJDUMP.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def _arg_type(value) -> str:
@@ -59,13 +79,16 @@ def _compile_launch(self: JITFunction, *args, grid, warmup, **kwargs):
            tuple(sorted(options.items())))
     if key in SEEN:
         return None
-    name = f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__} " + " ".join(
-        f"{self.params[i[0]].name}={v}" for i, v in constexprs.items()) + f" {options}"
+    kernel = f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}"
+    cx = " ".join(f"{self.params[i[0]].name}={v}" for i, v in constexprs.items())
+    name = f"{kernel} {cx} {options}"
     try:
-        triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs), target=TARGET,
-                       options=options)
+        compiled = triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs), target=TARGET,
+                                  options=options)
         SEEN[key] = "ok"
-        print("ok     ", name, flush=True)
+        res = _resources(compiled.asm["cubin"])
+        ROWS.append((kernel, cx, options, *(res or (None, None))))
+        print("ok     ", name, "" if res is None else f"regs={res[0]} stack={res[1]}", flush=True)
     except Exception as exc:  # noqa: BLE001 - any compiler error is a finding; report it and go on
         SEEN[key] = "FAILED"
         FAILED.append(name)
@@ -121,8 +144,27 @@ def main() -> int:
     for n in (768, 1408, 1024, 14336, 4096):  # the standalone Hadamard op
         for dtype in (torch.bfloat16, torch.float32):
             hadamard_triton(torch.zeros(64, n, dtype=dtype), 1.0)
+    if "--markdown" in sys.argv:
+        _write_markdown(Path(sys.argv[sys.argv.index("--markdown") + 1]))
     print(f"compiled {len(SEEN)} kernels, {len(FAILED)} failed")
     return 1 if FAILED else 0
+
+
+def _write_markdown(path: Path) -> None:
+    import datetime
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    lines = [f"# Triton launches compiled for sm_90 (triton {triton.__version__}, torch {torch.__version__}, "
+             f"commit {commit}, {datetime.date.today()})", "",
+             "Static resource use from ptxas (`cuobjdump -res-usage`): registers and stack bytes per thread; a",
+             "non-zero stack is register spilling. Produced by `tests/kernels/triton_compile_sm90.py --markdown`.", "",
+             "| kernel | constexprs | launch | regs | stack |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {cx} | {' '.join(f'{a}={b}' for a, b in o.items())} | {r} | {st} |"
+              for k, cx, o, r, st in ROWS]
+    spills = [f"- {k} {cx}: {st} bytes" for k, cx, _, _, st in ROWS if st]
+    lines += ["", f"Launches that spill registers (stack > 0): {len(spills)} of {len(ROWS)}", ""] + spills
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
