@@ -40,7 +40,7 @@ PACKAGED_TABLE = Path(__file__).resolve().parent.parent / "configs" / "triton_mo
 PATHS = ("slot", "grouped")
 # Where the online Hadamard on the down input runs (only read when a call asks for it):
 # "pass": its own launch rotating h in place between gate_up and down (moe_hadamard.rotate_rows_), the
-#   path measured on H100 (benchmarks/results/h100-2026-11-23: +1-3% of the layer at T >= 16, +2.3-5.5 us
+#   path measured on H100 (benchmarks/results/h100-2026-11-23: +1-3% of the layer at T >= 16, +2.2-5.5 us
 #   at T = 1);
 # "fused": the slot-path down kernel rotates the rows it reads in its prologue (moe_decode, unmeasured on
 #   GPU: the rotated activations never leave registers, one launch fewer, the rotation recomputed by every
