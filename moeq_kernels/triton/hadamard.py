@@ -22,7 +22,9 @@ a strided last dim is copied first); output contiguous, same shape and dtype. In
 :mod:`moeq_kernels.hadamard`: ``i = (i0 * T1 + i1) * T2 + i2`` (base-m index major).
 
 Building block for fused kernels: :func:`hadamard_columns` + :func:`hadamard_tile` (see their docs) with
-constexprs from :func:`tile_constexprs` and ``hm_ptr`` from :func:`base_buffer`. The JIT functions are
+constexprs from :func:`tile_constexprs` and ``hm_ptr`` from :func:`base_buffer`; the MoE rotation kernels
+(:mod:`moeq_kernels.triton.moe_hadamard`, :mod:`moeq_kernels.triton.moe_decode`) use the factor pieces
+:func:`sylvester_tile` and :func:`contract_last`. The JIT functions are
 decorated at first use (module ``__getattr__``), so importing this module does not fix the Triton
 interpreter/compiler choice; import them from inside a kernel module that is itself imported lazily.
 """
@@ -98,7 +100,7 @@ def hadamard_columns(T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     return (i0 * T1 + i1) * T2 + i2, (i0 < T0) & (i1 < T1) & (i2 < T2)
 
 
-def _sylvester_tile(S: tl.constexpr, T: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def sylvester_tile(S: tl.constexpr, T: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """``H_T`` (Sylvester, ``(-1)^popcount(i & j)``) zero-padded to ``[S, S]``, generated in registers."""
     i = tl.arange(0, S)[:, None]
     j = tl.arange(0, S)[None, :]
@@ -118,7 +120,7 @@ def _base_tile(hm_ptr, S: tl.constexpr, T: tl.constexpr, DOT_DTYPE: tl.constexpr
     return tl.load(hm_ptr + i * T + j, mask=(i < T) & (j < T), other=0.0).to(DOT_DTYPE)
 
 
-def _contract_last(x, h, DOT_DTYPE: tl.constexpr, SPLITS: tl.constexpr):
+def contract_last(x, h, DOT_DTYPE: tl.constexpr, SPLITS: tl.constexpr):
     """``x [M, S] fp32 @ h [S, S]`` in fp32, ``x`` split into ``SPLITS`` ``DOT_DTYPE`` terms."""
     # x = hi + mid + lo up to the last term's rounding; H is +-1, so every product is exact (fp32 sums).
     hi = x.to(DOT_DTYPE)
@@ -148,18 +150,18 @@ def hadamard_tile(x, hm_ptr, R: tl.constexpr,
     """
     x = tl.reshape(x, [R * S0 * S1, S2])
     if S2 > 1:
-        x = _contract_last(x, _sylvester_tile(S2, T2, DOT_DTYPE), DOT_DTYPE, SPLITS2)
+        x = contract_last(x, sylvester_tile(S2, T2, DOT_DTYPE), DOT_DTYPE, SPLITS2)
     # Rotate the axes (i0, i1, i2) -> (i2, i0, i1) so the next axis to contract is last.
     x = tl.reshape(tl.permute(tl.reshape(x, [R, S0, S1, S2]), (0, 3, 1, 2)), [R * S2 * S0, S1])
     if S1 > 1:
-        x = _contract_last(x, _sylvester_tile(S1, T1, DOT_DTYPE), DOT_DTYPE, SPLITS1)
+        x = contract_last(x, sylvester_tile(S1, T1, DOT_DTYPE), DOT_DTYPE, SPLITS1)
     x = tl.reshape(tl.permute(tl.reshape(x, [R, S2, S0, S1]), (0, 3, 1, 2)), [R * S1 * S2, S0])
     if S0 > 1:
         if HAS_BASE:
             h0 = _base_tile(hm_ptr, S0, T0, DOT_DTYPE)
         else:
-            h0 = _sylvester_tile(S0, T0, DOT_DTYPE)
-        x = _contract_last(x, h0, DOT_DTYPE, SPLITS0)
+            h0 = sylvester_tile(S0, T0, DOT_DTYPE)
+        x = contract_last(x, h0, DOT_DTYPE, SPLITS0)
     # Third rotation restores (i0, i1, i2).
     return tl.reshape(tl.permute(tl.reshape(x, [R, S1, S2, S0]), (0, 3, 1, 2)), [R, S0 * S1 * S2])
 
@@ -182,7 +184,7 @@ def _hadamard_kernel(x_ptr, y_ptr, hm_ptr, n_rows, stride_x, stride_y, scale,
 # The functions above are Triton JIT functions, decorated on first use rather than at import: triton.jit
 # decides at decoration time whether a kernel is compiled or interpreted (TRITON_INTERPRET=1), and
 # importing this module (e.g. from register_all at ``import moeq_kernels``) must not freeze that choice.
-_JIT_NAMES = ("hadamard_columns", "_sylvester_tile", "_base_tile", "_contract_last", "hadamard_tile",
+_JIT_NAMES = ("hadamard_columns", "sylvester_tile", "_base_tile", "contract_last", "hadamard_tile",
               "_hadamard_kernel")
 _PLAIN = {name: globals().pop(name) for name in _JIT_NAMES}
 

@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 from moeq_kernels.triton.configs import fused_rotation_plan
-from moeq_kernels.triton.moe_hadamard import row_factor, split_dot, sylvester
+from moeq_kernels.triton.hadamard import contract_last, sylvester_tile
+from moeq_kernels.triton.moe_hadamard import row_factor
 from moeq_kernels.triton.moe_tiles import dequant_rows, dequant_tile, sum_, swiglu
 
 
@@ -114,7 +115,7 @@ def _down_slot_rot_kernel(h_ptr, hr_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr,
     r = tl.arange(0, R_PAD)
     c = tl.arange(0, C)
     i = tl.arange(0, RB)
-    hc = sylvester(C, C, DTYPE)
+    hc = sylvester_tile(C, C, DTYPE)
     out_acc = tl.full([BLOCK_N], 0, tl.float32)
     for j in range(0, TOPK):
         slot = t * TOPK + j
@@ -122,13 +123,13 @@ def _down_slot_rot_kernel(h_ptr, hr_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr,
         if (e >= 0) & (e < E):
             x_tile = h_ptr + slot.to(tl.int64) * K + r[:, None] * C + c[None, :]
             x = tl.load(x_tile, mask=(r < R)[:, None], other=0.0).to(tl.float32)  # X [R_PAD, C], pad rows 0
-            yt = tl.trans(split_dot(x, hc, SPLITS_IN))  # (X H_c)^T, [C, R_PAD]
+            yt = tl.trans(contract_last(x, hc, DTYPE, SPLITS_IN))  # (X H_c)^T, [C, R_PAD]
             rows = tl.broadcast_to((e.to(tl.int64) * N + n)[:, None], (BLOCK_N, RB))
             acc = tl.full([BLOCK_N, C], 0, tl.float32)
             for r0 in range(0, R_PAD, RB):
                 # H_r[:, r0:r0+RB] (zero-padded, symmetric): Z[r0:r0+RB] = (Y^T H_r[:, block])^T.
                 hr = tl.load(hr_ptr + r[:, None] * R_PAD + (r0 + i)[None, :]).to(DTYPE)
-                z = tl.trans(split_dot(yt, hr, SPLITS_MID))  # [RB, C]
+                z = tl.trans(contract_last(yt, hr, DTYPE, SPLITS_MID))  # [RB, C]
                 # Round the rotated activation to the activation dtype, as the reference stores it.
                 z = (z * scale).to(out_ptr.dtype.element_ty).to(tl.float32)
                 rmask = n_mask[:, None] & ((r0 + i) < R)[None, :]

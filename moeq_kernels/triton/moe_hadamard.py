@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 
 from moeq_kernels.triton.configs import rotation_plan
+# Decorated on this import (hadamard.py's lazy JIT), in the same interpreter/compiler mode as this module.
+from moeq_kernels.triton.hadamard import contract_last, sylvester_tile
 
 
 @functools.lru_cache(maxsize=32)
@@ -55,31 +57,6 @@ def row_factor(r: int, r_pad: int, device: torch.device) -> torch.Tensor:
     out = torch.zeros(r_pad, r_pad, dtype=torch.float32)
     out[:r, :r] = hadamard_matrix(r, torch.float32)
     return out.to(device)
-
-
-@triton.jit
-def sylvester(C: tl.constexpr, C_PAD: tl.constexpr, DTYPE: tl.constexpr):
-    """``H_C[i, j] = (-1)^popcount(i & j)`` zero-padded to ``[C_PAD, C_PAD]`` (C_PAD <= 2^10)."""
-    i = tl.arange(0, C_PAD)[:, None]
-    j = tl.arange(0, C_PAD)[None, :]
-    b = i & j
-    b = b ^ (b >> 8)
-    b = b ^ (b >> 4)
-    b = b ^ (b >> 2)
-    b = b ^ (b >> 1)
-    return tl.where((i < C) & (j < C), tl.where((b & 1) == 0, 1.0, -1.0), 0.0).to(DTYPE)
-
-
-@triton.jit
-def split_dot(x, hm, SPLITS: tl.constexpr):
-    """fp32 ``x [M, K] @ hm [K, N]`` (``hm`` +-1/0): ``SPLITS`` bf16 terms of ``x``; 0 = fp32 ieee dot."""
-    if SPLITS == 0:
-        return tl.dot(x, hm, input_precision="ieee")
-    hi = x.to(tl.bfloat16)
-    acc = tl.dot(hi, hm)
-    if SPLITS > 1:
-        acc = tl.dot((x - hi.to(tl.float32)).to(tl.bfloat16), hm, acc)
-    return acc
 
 
 @triton.jit
@@ -97,9 +74,9 @@ def _rotate_rows_kernel(h_ptr, hr_ptr, ids_ptr, N, E, scale,
     row = h_ptr + tl.program_id(0).to(tl.int64) * N
     mask = (r < R)[:, None] & (c < C)[None, :]
     x = tl.load(row + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = split_dot(x, sylvester(C, C_PAD, DTYPE), SPLITS_IN)  # X @ H_C, [R_PAD, C_PAD]
+    y = contract_last(x, sylvester_tile(C_PAD, C, DTYPE), DTYPE, SPLITS_IN)  # X @ H_C, [R_PAD, C_PAD]
     hr = tl.load(hr_ptr + r[:, None] * R_PAD + r[None, :]).to(DTYPE)
-    zt = split_dot(tl.trans(y), hr, SPLITS_MID)  # (H_R^T X H_C)^T, [C_PAD, R_PAD]
+    zt = contract_last(tl.trans(y), hr, DTYPE, SPLITS_MID)  # (H_R^T X H_C)^T, [C_PAD, R_PAD]
     out = (zt * scale).to(h_ptr.dtype.element_ty)
     tl.store(row + r[None, :] * C + c[:, None], out, mask=tl.trans(mask))
 
