@@ -202,9 +202,9 @@ def run_real_checks(model, stacks) -> None:
         for hadamard in (False, True):
             path = select_config(*SHAPES[model], t).path
             record_check(f"{model} T={t} {path} hadamard={hadamard}", real_case, model, t, hadamard, stacks)
-        if fused_config(model, t) is not None:
-            record_check(f"{model} T={t} slot fused-Hadamard", real_case, model, t, True, stacks,
-                         config=fused_config(model, t))
+        fused = fused_config(model, t)
+        if fused is not None:
+            record_check(f"{model} T={t} slot fused-Hadamard", real_case, model, t, True, stacks, config=fused)
 
 
 def graph_case(model, t, stacks, config=None):
@@ -222,9 +222,10 @@ def graph_case(model, t, stacks, config=None):
 def run_graph_checks(model, stacks) -> None:
     for t in (1, 16, 300):
         record_check(f"{model} CUDA graph capture + replay T={t}", graph_case, model, t, stacks)
-    if fused_config(model, 1) is not None:
+    fused = fused_config(model, 1)
+    if fused is not None:
         record_check(f"{model} CUDA graph capture + replay T=1 fused-Hadamard", graph_case, model, 1, stacks,
-                     config=fused_config(model, 1))
+                     config=fused)
 
     class Layer(torch.nn.Module):
         def forward(self, x, idx, w):
