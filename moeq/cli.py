@@ -1,25 +1,31 @@
-"""``moeq`` command line: quantize, eval, info, demo.
+"""``moeq`` command line: quantize, calibrate, eval, info, verify, export, demo.
 
-User mistakes (missing files, unsupported models, bad options) end with one ``moeq: error: ...`` line and
-exit status 2, never a traceback.
+User mistakes (missing files, unsupported models, bad options, damaged checkpoints, a full disk) end with one
+``moeq: error: ...`` line and exit status 2, never a traceback (``-v`` adds it); Ctrl-C exits 130 with one
+line. Outputs are written as transactions (``moeq.io.atomic``): interrupted, they are left as they were.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from moeq.cli_checks import check_device, check_positive, check_quantize_args, check_token_ids, warn_binary_text, warn_positions
 from moeq.config import QuantConfig, parse_dtype
+from moeq.io.atomic import check_destination
 from moeq.io.checkpoint import CheckpointError
 from moeq.models import UnsupportedModelError
 
 logger = logging.getLogger("moeq.cli")
-USER_ERRORS = (CheckpointError, UnsupportedModelError, ValueError, OSError)
+USER_ERRORS = (CheckpointError, UnsupportedModelError, ValueError, OSError, SafetensorError)
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -92,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a local MoE checkpoint")
     q.add_argument("--model", required=True, help="local Hugging Face model directory")
-    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--out", required=True, help="output directory (new or empty; see --overwrite)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing moeq checkpoint at --out")
     q.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
     q.add_argument("--device", default="cpu", help="device the model is loaded on")
     q.add_argument("--calib-device", default=None, help="compute device for calibration (layers move there one at a time)")
@@ -119,16 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=["compressed-tensors", "gptq"])
     x.add_argument("dir")
     x.add_argument("out")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing export at OUT")
+
+    v = sub.add_parser("verify", help="full content check: digests, every byte's SHA-256, scale/zero ranges")
+    v.add_argument("dir")
+
+    from moeq.calib.ebss import DEFAULT_TAU as EBSS_DEFAULT_TAU
 
     c = sub.add_parser("calibrate", help="generate calibration data with the model itself (EBSS)")
     c.add_argument("--model", required=True, help="local Hugging Face model directory")
     c.add_argument("--method", default="ebss", choices=["ebss"])
     c.add_argument("--out", required=True, metavar="FILE.jsonl", help="samples; the summary goes to FILE.summary.json")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     c.add_argument("--nsamples", type=int, default=128)
     c.add_argument("--seqlen", type=int, default=512)
     c.add_argument("--beam", type=int, default=4, help="beam width W")
     c.add_argument("--candidates", type=int, default=None, help="next-token candidates per beam (default: --beam)")
-    c.add_argument("--tau", type=float, default=0.05, help="balance temperature: score = mean log-prob - sigma/tau")
+    c.add_argument("--tau", type=float, default=EBSS_DEFAULT_TAU,
+                   help="balance temperature: score = mean log-prob - cv/tau, cv = std/mean of the sample's expert "
+                        "usage counts (same scale at any expert count). Smaller = more balanced, less fluent. "
+                        f"Default {EBSS_DEFAULT_TAU:g} (benchmarks/results/ebss_sweep.md: usage CV 0.4-0.8x of "
+                        "unguided sampling at E = 8-32, 0.8-0.9x at E = 64-128). To pick: compare the summary's "
+                        "per-layer min tokens / few-token experts with --compare-text; lower tau (e.g. halve it) "
+                        "while they improve and mean log-prob stays near that of real text; raise it if samples "
+                        "are rejected as degenerate. 'inf' = no balance term")
+    c.add_argument("--balance", default="sample", choices=["sample", "dataset"],
+                   help="cv of each sample's own routing (MoEQuant) or of the dataset it joins")
+    c.add_argument("--compare-text", metavar="FILE", default=None,
+                   help="also report tokens per expert of plain-text calibration of the same size (random windows "
+                        "of FILE) in the summary, next to the EBSS samples'")
     c.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the candidates")
     c.add_argument("--batch", type=int, default=8, help="samples searched at once")
     c.add_argument("--min-compression", type=float, default=0.2, help="reject samples whose zlib ratio is lower")
@@ -138,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="quantize a tiny model end to end and check it")
     d.add_argument("--out", default="moeq-demo")
+    d.add_argument("--overwrite", action="store_true", help="replace the checkpoint of an earlier demo run")
     d.add_argument("--device", default="cpu")
     return ap
 
@@ -152,16 +179,21 @@ def _require_dir(path: str) -> Path:
 
 
 def cmd_quantize(args) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     import moeq
     from moeq.calib.data import is_jsonl, load_calibration
+    from moeq.io.source import load_source_model
     from moeq.models import adapter_for
     from moeq.quantizers import get_method
 
     src = _require_dir(args.model)
+    check_quantize_args(args)
     config = _quant_config(args)
-    adapter_for(AutoConfig.from_pretrained(src))  # fail before loading any weight
+    hf_config = AutoConfig.from_pretrained(src)
+    adapter_for(hf_config)  # fail before loading any weight
+    check_destination(args.out, [src], args.overwrite)
+    check_source(src)
     tok = _maybe_tokenizer(src)
     calib = None
     needs_calib = get_method(config.method).needs_calibration
@@ -174,8 +206,11 @@ def cmd_quantize(args) -> int:
             raise ValueError(f"{what} needs --calib FILE (a text file)")
         if tok is None and not is_jsonl(args.calib):  # a .jsonl holds token ids already
             raise FileNotFoundError(f"no tokenizer in {src} to tokenize the calibration text")
+        warn_binary_text(args.calib)
+        warn_positions(args.seqlen, hf_config)
         calib = load_calibration(tok, args.calib, args.nsamples, args.seqlen, args.seed)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=parse_dtype(args.dtype)).to(args.device).eval()
+        check_token_ids(calib, hf_config.vocab_size, args.calib)
+    model = load_source_model(src, parse_dtype(args.dtype), args.device)
     if args.mixed_budget is not None:
         from moeq.mixed import plan_mixed_precision
 
@@ -185,11 +220,19 @@ def cmd_quantize(args) -> int:
     report = moeq.quantize_model(model, config, calib=calib, device=args.calib_device)
     if calib is not None and "_samples" in model.config.quantization_config["calibration"]:
         model.config.quantization_config["calibration"]["_samples"]["source"] = str(args.calib)
-    out = moeq.save_quantized(model, args.out, tokenizer=tok)
+    out = moeq.save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, sources=(src,))
     errs = [m.rel_error for m in report.modules]
     print(f"quantized {len(errs)} expert stacks with {config.method} w{config.bits}g{config.group_size}: "
           f"mean rel. weight error {sum(errs) / max(len(errs), 1):.4f}; saved to {out}")
     return 0
+
+
+def check_source(src: Path) -> None:
+    """Refuse, before any weight is loaded, a source that is already quantized or lacks / mis-shapes a tensor
+    its architecture declares (``moeq.io.source``: headers only)."""
+    from moeq.io.source import open_source
+
+    open_source(src)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -211,14 +254,14 @@ def _maybe_tokenizer(path):
 
 
 def _load_any(path: Path, device: str):
-    """A moeq checkpoint via load_quantized, or a plain transformers checkpoint."""
+    """A moeq checkpoint via load_quantized, or a full-precision checkpoint (validated, never random-filled)."""
     import moeq
-    from transformers import AutoModelForCausalLM
+    from moeq.io.source import load_source_model
 
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("quantization_config", {}).get("quant_method") == "moeq":
         return moeq.load_quantized(path, device=device)
-    return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    return load_source_model(path, device=device)
 
 
 def cmd_eval(args) -> int:
@@ -227,6 +270,8 @@ def cmd_eval(args) -> int:
 
     if not args.ppl and not args.lm_eval:
         raise ValueError("eval needs --ppl FILE and/or --lm-eval TASKS")
+    check_positive(args, ("seqlen", "max_windows"))
+    check_device(args.device, "--device")
     if args.reference and not args.ppl:
         raise ValueError("--reference measures routing on the --ppl text; pass --ppl FILE")
     path = _require_dir(args.model)
@@ -262,29 +307,52 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from moeq.calib.ebss import EBSSConfig, ebss_generate, write_jsonl
+    from moeq.io.source import load_source_model
     from moeq.models import adapter_for
 
     src = _require_dir(args.model)
+    check_positive(args, ("nsamples", "seqlen", "beam", "candidates", "batch"))
+    check_device(args.device, "--device")
     if Path(args.out).suffix.lower() != ".jsonl":
         raise ValueError(f"--out must be a .jsonl file, got {args.out}")
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
     cfg = EBSSConfig(nsamples=args.nsamples, seqlen=args.seqlen, beam=args.beam, candidates=args.candidates,
-                     tau=args.tau, temperature=args.temperature, batch=args.batch, seed=args.seed,
-                     min_compression=args.min_compression)
+                     tau=args.tau, balance=args.balance, temperature=args.temperature, batch=args.batch,
+                     seed=args.seed, min_compression=args.min_compression)
     cfg.validate()
     adapter_for(AutoConfig.from_pretrained(src))  # fail before loading any weight
     tok = _maybe_tokenizer(src)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=parse_dtype(args.dtype)).to(args.device).eval()
+    model = load_source_model(src, parse_dtype(args.dtype), args.device)
+    if args.compare_text and tok is None:
+        raise FileNotFoundError(f"no tokenizer in {src} to tokenize --compare-text {args.compare_text}")
     result = ebss_generate(model, tok, cfg)
     if not result.samples:
         raise ValueError(f"ebss: all {result.summary['generated']} samples were degenerate {result.summary['rejected']}")
-    side = write_jsonl(result, args.out)
     s = result.summary
+    if args.compare_text:
+        from moeq.calib.data import load_calibration
+        from moeq.calib.expert_tokens import calibration_report
+
+        text = load_calibration(tok, args.compare_text, s["accepted"], args.seqlen, args.seed)
+        s["plain_text"] = {"source": str(args.compare_text), **calibration_report(model, text)}
+    side = write_jsonl(result, args.out)
     print(f"ebss: {s['accepted']} samples x {args.seqlen} tokens -> {args.out} (summary {side}); generated "
-          f"{s['generated']}, rejected {s['rejected_total']} as degenerate {s['rejected']}; dataset expert-balance "
-          f"sigma {s['dataset_sigma']:.4f}, mean log-prob {s['mean_logprob']:.4f}")
+          f"{s['generated']}, rejected {s['rejected_total']} as degenerate {s['rejected']}; dataset expert-usage "
+          f"cv {s['dataset_cv']:.4f} (sigma {s['dataset_sigma']:.4f}), mean log-prob {s['mean_logprob']:.4f}")
+    plain = {st["layer"]: st for st in s["plain_text"]["expert_tokens"]} if "plain_text" in s else {}
+    if plain:
+        print(f"plain text ({args.compare_text}, same size): expert-usage cv {s['plain_text']['cv']:.4f}")
+    for st in s["expert_tokens"]:
+        line = (f"  layer {st['layer']}: tokens per expert min {st['min']} / median {st['median']:g}, "
+                f"{st['under_threshold']} of {st['experts']} experts under {st['threshold']:.1f}")
+        if st["layer"] in plain:
+            p = plain[st["layer"]]
+            line += f" (plain text: min {p['min']} / median {p['median']:g}, {p['under_threshold']} under)"
+        print(line)
     return 0
 
 
@@ -303,15 +371,24 @@ def cmd_info(args) -> int:
 def cmd_export(args) -> int:
     from moeq.io.export import export_checkpoint
 
-    out = export_checkpoint(args.dir, args.out, args.format)
+    out = export_checkpoint(args.dir, args.out, args.format, overwrite=args.overwrite)
     print(f"exported {args.dir} as {args.format} to {out}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from moeq.io.verify import verify_checkpoint
+
+    for line in verify_checkpoint(args.dir):
+        print(line)
     return 0
 
 
 def cmd_demo(args) -> int:
     from moeq.demo import run_demo
 
-    for line in run_demo(args.out, args.device):
+    check_device(args.device, "--device")
+    for line in run_demo(args.out, args.device, overwrite=args.overwrite):
         print(line)
     return 0
 
@@ -320,13 +397,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handler = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo, "calibrate": cmd_calibrate,
-               "export": cmd_export}[args.cmd]
+               "export": cmd_export, "verify": cmd_verify}[args.cmd]
     try:
         with torch.inference_mode():
             return handler(args)
+    except KeyboardInterrupt:
+        print("moeq: interrupted (an output being written was discarded; existing files are unchanged)", file=sys.stderr)
+        return 130
     except USER_ERRORS as exc:
-        print(f"moeq: error: {exc}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"moeq: error: {describe_error(exc)}", file=sys.stderr)
         return 2
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a user error; a full disk says so and that the output was left as it was."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"no space left on device{where}; the output was not written (existing files are unchanged)"
+    if isinstance(exc, SafetensorError):
+        return f"corrupt safetensors file ({exc})"
+    return " ".join(str(exc).split("\n")) or type(exc).__name__
 
 
 if __name__ == "__main__":

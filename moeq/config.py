@@ -10,7 +10,7 @@ import torch
 from moeq_kernels.packing import SUPPORTED_BITS
 
 QUANT_METHOD = "moeq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards carry config/layout/data digests (moeq.io.integrity)
 LINEAR_GROUPS = ("attention", "shared_experts", "dense_mlp")
 SMOOTH_AGGREGATIONS = ("max", "frequency", "router_prob")
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}

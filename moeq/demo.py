@@ -21,8 +21,8 @@ from moeq.io.info import checkpoint_info, tensor_bytes
 PROMPT = "def read_config(path):\n    "
 
 
-def run_demo(out_dir: str | Path, device: str = "cpu") -> list[str]:
-    """Run the demo, returning the report lines."""
+def run_demo(out_dir: str | Path, device: str = "cpu", overwrite: bool = False) -> list[str]:
+    """Run the demo, returning the report lines (``overwrite`` replaces an earlier run's checkpoint)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moeq.calib.stdlib import stdlib_text
@@ -39,7 +39,7 @@ def run_demo(out_dir: str | Path, device: str = "cpu") -> list[str]:
     model = copy.deepcopy(fp).to(device)
     t0 = time.perf_counter()
     report = moeq.quantize_model(model, moeq.QuantConfig(method="rtn", bits=4, group_size=128))
-    moeq.save_quantized(model, q_dir, tokenizer=tok)
+    moeq.save_quantized(model, q_dir, tokenizer=tok, overwrite=overwrite)
     worst = max(report.modules, key=lambda m: m.rel_error)
     lines.append(f"RTN w4 g128: {len(report.modules)} expert stacks in {time.perf_counter() - t0:.2f}s, "
                  f"worst rel. weight error {worst.rel_error:.4f} ({worst.name})")

@@ -8,7 +8,7 @@ from torch import nn
 from moeq import methods  # noqa: F401  (registers the methods)
 from moeq.config import QuantConfig
 from moeq.models import MoEAdapter, adapter_for
-from moeq.quantize_linear import round_router
+from moeq.quantize_linear import linear_targets, round_router
 from moeq.quantizers import get_method
 from moeq.quantizers.report import ModuleReport, QuantReport
 from moeq.rotation import rotate_model
@@ -35,6 +35,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, calib=No
     config = config or QuantConfig()
     adapter = adapter_for(model)
     adapter.check(model)
+    check_module_names(model, adapter, config)
+    check_finite(model)
     method = get_method(config.method)
     if method.needs_calibration and calib is None:
         raise ValueError(f"method {config.method!r} needs calibration data (calib=...)")
@@ -53,6 +55,34 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, calib=No
                                           "tokens": int(ids.numel() if mask is None else mask.sum())}
     record_quantization(model, adapter, config, report.calibration)
     return report
+
+
+def check_module_names(model: nn.Module, adapter: MoEAdapter, config: QuantConfig) -> None:
+    """Every ``overrides`` / ``expert_bits`` key names a module this run quantizes (a misspelled name would
+    otherwise be ignored silently)."""
+    experts = {adapter.experts_name(i) for i, _ in adapter.moe_layers(model)}
+    linears = set()
+    for i, layer in enumerate(adapter.layers(model)):
+        linears.update(linear_targets(layer, adapter, config, f"{adapter.layers_path}.{i}"))
+    valid = experts | {f"{e}.{p}" for e in experts for p in ("gate_up", "down")} | linears
+    for what, names in (("overrides", config.overrides), ("expert_bits", config.expert_bits)):
+        unknown = sorted(set(names) - (valid if what == "overrides" else experts))
+        if unknown:
+            example = sorted(experts)[0]
+            raise ValueError(f"{what} names {unknown[0]!r}, which is not a module this run quantizes "
+                             f"({len(unknown)} unknown); routed experts are named like {example!r} (add .gate_up / "
+                             f".down for one projection){'; quantized linears by their module name' if linears else ''}")
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse NaN/Inf weights before any work (they would become non-finite scales), naming tensor and index."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta":
+            bad = ~torch.isfinite(p.detach())
+            if bool(bad.any()):
+                idx = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"{name}: non-finite weight {float(p.detach()[idx])} at index {idx}; the source "
+                                 "checkpoint is damaged (refusing to quantize it)")
 
 
 def _smooth_and_round_routers(model, adapter, config: QuantConfig, calib, device) -> dict:

@@ -17,13 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from moeq.config import FORMAT_VERSION, QUANT_METHOD, QuantConfig, WeightSpec, dtype_name, parse_dtype
+from moeq.io.atomic import (ST_DTYPES, CheckpointTransaction, DestinationError, check_destination,
+                            interrupted_replace_note, write_json, write_safetensors)
+from moeq.io.integrity import (META_CONFIG, META_DATA, META_LAYOUT, CheckpointError, canonical_sha256, check_values,
+                               inside, layout_sha256, validate_quantization_config)
 from moeq.models import MoEAdapter
 from moeq.nn.experts import QuantizedExperts
 from moeq.nn.linear import QuantizedLinear
@@ -35,10 +39,8 @@ SAFE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PROJ_ROWS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
 FIELDS = ("qweight", "scales", "qzeros")
-
-
-class CheckpointError(ValueError):
-    """A quantized checkpoint is missing, corrupt, or inconsistent with its config."""
+__all__ = ["CheckpointError", "DestinationError", "read_quantization_config", "save_quantized",
+           "shard_files"]
 
 
 def _version() -> str:
@@ -106,82 +108,119 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write ``config.json`` (with ``quantization_config``) and the packed safetensors to ``out_dir``."""
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, max_shard_bytes: int = 5 * 2**30,
+                   overwrite: bool = False, sources: tuple = (), on_step: Callable[[str], None] | None = None) -> Path:
+    """Write ``config.json`` (with ``quantization_config``) and the packed safetensors to ``out_dir`` as one
+    transaction (:mod:`moeq.io.atomic`): an interrupt or error at any point leaves ``out_dir`` as it was.
+
+    Args:
+        overwrite: replace an existing moeq checkpoint at ``out_dir`` (otherwise :class:`DestinationError`;
+            a non-empty directory moeq did not write is always refused).
+        sources: directories the output must not equal, lie inside or contain (the model's source).
+        on_step: called with each step's name before it runs (fault-injection hook for tests).
+    Every shard carries the digests of :mod:`moeq.io.integrity`; the same model gives the same bytes.
+    """
     qcfg = getattr(model.config, "quantization_config", None)
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD:
         raise ValueError("model is not quantized by moeq: call moeq.quantize_model first")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = checkpoint_tensors(model)
+    out = check_destination(out_dir, list(sources), overwrite)
+    tensors = {k: t.detach().cpu() for k, t in checkpoint_tensors(model).items()}
+    _check_finite_scales(tensors)
+    shards = _split_shards(tensors, max_shard_bytes)
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) == 1:  # record the real dtype (a model cast with .to() keeps a stale config.dtype)
+        model.config.dtype = dtypes.pop()
+    with CheckpointTransaction(out, on_step) as tx:
+        tx.step("config")
+        model.config.save_pretrained(tx.dir)
+        written = json.loads((tx.dir / "config.json").read_text())["quantization_config"]
+        meta = {"format": "pt", "quant_method": QUANT_METHOD, "moeq_format_version": str(FORMAT_VERSION),
+                META_CONFIG: canonical_sha256(written),
+                META_LAYOUT: layout_sha256({k: (ST_DTYPES[t.dtype], tuple(t.shape)) for k, t in tensors.items()})}
+        names = [SAFE_NAME] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                     for i in range(len(shards))]
+        for i, (fname, shard) in enumerate(zip(names, shards)):
+            tx.step(f"shard{i}")
+            write_safetensors(tx.dir / fname, shard, meta, digest_key=META_DATA)
+        if len(shards) > 1:
+            tx.step("index")
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            write_json(tx.dir / INDEX_NAME, {"metadata": {"total_size": total},
+                                             "weight_map": {k: f for f, sh in zip(names, shards) for k in sh}})
+        tx.step("side_files")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tx.dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tx.dir)
+    logger.info("saved %d tensors in %d shard(s) to %s", len(tensors), len(shards), out)
+    return out
+
+
+def _split_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive shards of at most ``max_shard_bytes`` (a larger single tensor gets a shard of its own)."""
     shards, cur, size = [], {}, 0
     for key, t in tensors.items():
         nb = t.numel() * t.element_size()
         if cur and size + nb > max_shard_bytes:
             shards.append(cur)
             cur, size = {}, 0
-        cur[key] = t.cpu()
+        cur[key] = t
         size += nb
     shards.append(cur)
-    meta = {"format": "pt", "quant_method": QUANT_METHOD}
-    for stale in list(out.glob("model*.safetensors")) + [out / INDEX_NAME]:
-        stale.unlink(missing_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / SAFE_NAME), metadata=meta)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / fname), metadata=meta)
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if len(dtypes) == 1:  # record the real dtype (a model cast with .to() keeps a stale config.dtype)
-        model.config.dtype = dtypes.pop()
-    model.config.save_pretrained(out)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    logger.info("saved %d tensors in %d shard(s) to %s", len(tensors), len(shards), out)
-    return out
+    return shards
+
+
+def _check_finite_scales(tensors: dict[str, torch.Tensor]) -> None:
+    """Never write a checkpoint whose scales are not finite (a NaN source weight would make every logit NaN)."""
+    for key, t in tensors.items():
+        if key.endswith(".scales"):
+            check_values(key, t)
 
 
 def read_quantization_config(path: str | os.PathLike) -> dict:
-    """The ``quantization_config`` of a moeq checkpoint directory; :class:`CheckpointError` if absent/corrupt."""
+    """The ``quantization_config`` of a moeq checkpoint directory; :class:`CheckpointError` if absent, corrupt
+    or not shaped as moeq writes it."""
     p = Path(path)
     if not p.is_dir():
-        raise CheckpointError(f"{p}: not a directory")
+        note = interrupted_replace_note(p.absolute())
+        raise CheckpointError(f"{p}: not a directory" + (f" ({note})" if note else ""))
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{p}: no config.json")
     try:
         cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_file}: corrupt JSON ({exc})") from exc
-    q = cfg.get("quantization_config")
+    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{cfg_file}: no moeq quantization_config (is this a quantized moeq checkpoint?)")
-    if q.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_file}: format_version {q['format_version']} is newer than this moeq ({FORMAT_VERSION})")
+    version = q.get("format_version", 0)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{cfg_file}: quantization_config.format_version must be an integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file}: format_version {version} is newer than this moeq ({FORMAT_VERSION})")
+    validate_quantization_config(q, str(cfg_file))
     return q
 
 
 def shard_files(path: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a checkpoint (from the index when sharded)."""
+    """The safetensors files of a checkpoint (from the index when sharded; every path inside ``path``)."""
     p = Path(path)
     index = p / INDEX_NAME
     if index.is_file():
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index}: corrupt index ({exc})") from exc
-        missing = [f for f in files if not (p / f).is_file()]
+            wmap = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(wmap.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: corrupt index ({exc!r})") from exc
+        if not all(isinstance(f, str) for f in files):
+            raise CheckpointError(f"{index}: corrupt index (weight_map values must be file names)")
+        paths = [inside(p, f) for f in files]
+        missing = [f for f, q in zip(files, paths) if not q.is_file()]
         if missing:
             raise CheckpointError(f"{p}: shard(s) listed in {INDEX_NAME} are missing: {missing}")
-        return [p / f for f in files]
+        return paths
     if (p / SAFE_NAME).is_file():
         return [p / SAFE_NAME]
     raise CheckpointError(f"{p}: no {SAFE_NAME} or {INDEX_NAME}")

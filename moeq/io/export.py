@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import AutoConfig
 
+from moeq.io.atomic import CheckpointTransaction, check_destination, write_json, write_safetensors
 from moeq.io.checkpoint import FIELDS, INDEX_NAME, PROJ_ROWS, CheckpointError, read_quantization_config, shard_files
+from moeq.io.integrity import bits_for_key, check_binding, check_values, expected_shape, read_header
 from moeq.models import adapter_for
 from moeq_kernels.packing import pack, unpack
 
@@ -85,6 +86,9 @@ class _Writer:
         if len(parts) == 4 and parts[0] in self.experts and parts[1].isdigit() and parts[2] in PROJ_ROWS and parts[3] in FIELDS:
             return parts
         return None
+
+    def bits(self, key: str) -> int | None:
+        return bits_for_key(self.q, key)
 
     def convert(self, key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
         hit = self._expert(key)
@@ -156,40 +160,60 @@ def _gptq_config(q: dict, schemes: dict) -> dict:
             "moeq": {k: q.get(k) for k in ("method", "rotation", "moeq_version")}}
 
 
-def export_checkpoint(src: str | Path, out: str | Path, fmt: str) -> Path:
-    """Write ``src`` (a moeq checkpoint) to ``out`` in ``fmt`` (see module docstring)."""
+def export_checkpoint(src: str | Path, out: str | Path, fmt: str, overwrite: bool = False, on_step=None) -> Path:
+    """Write ``src`` (a moeq checkpoint) to ``out`` in ``fmt`` (see module docstring), as one transaction
+    (:mod:`moeq.io.atomic`: ``out`` must not be or contain ``src``; an existing export needs ``overwrite``).
+    Every packed tensor's shape and values are checked against the config before it is converted."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose from {FORMATS}")
-    src, out = Path(src), Path(out)
+    src = Path(src)
+    dest = check_destination(out, [src], overwrite)
     q = read_quantization_config(src)
     files = shard_files(src)
+    if not check_binding(q, [read_header(f) for f in files], str(src)):
+        logger.warning("%s: older moeq checkpoint without digests; checking shapes against the config only", src)
     config = AutoConfig.from_pretrained(src)
     adapter = adapter_for(config)
     schemes = _schemes(q, fmt)
     writer = _Writer(q, adapter, fmt, schemes)
-    out.mkdir(parents=True, exist_ok=True)
     weight_map = {}
-    for i, f in enumerate(files):
-        tensors = {}
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for key in sf.keys():
-                    tensors.update(writer.convert(key, sf.get_tensor(key)))
-        except SafetensorError as exc:
-            raise CheckpointError(f"{f}: corrupt safetensors file ({exc})") from exc
-        fname = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in tensors})
-    if len(files) > 1:
-        (out / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = _ct_config(q, adapter, schemes) if fmt == "compressed-tensors" else _gptq_config(q, schemes)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    for name in _SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copy(src / name, out / name)
-    logger.info("exported %s to %s (%s, %d tensors)", src, out, fmt, len(weight_map))
-    return out
+    with CheckpointTransaction(dest, on_step) as tx:
+        for i, f in enumerate(files):
+            tx.step(f"shard{i}")
+            fname = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            tensors = _convert_file(f, q, writer)
+            write_safetensors(tx.dir / fname, tensors, {"format": "pt"})
+            weight_map.update({k: fname for k in tensors})
+        tx.step("config")
+        if len(files) > 1:
+            write_json(tx.dir / INDEX_NAME, {"metadata": {}, "weight_map": weight_map})
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["quantization_config"] = (_ct_config(q, adapter, schemes) if fmt == "compressed-tensors"
+                                      else _gptq_config(q, schemes))
+        write_json(tx.dir / "config.json", cfg)
+        for name in _SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copy(src / name, tx.dir / name)
+    logger.info("exported %s to %s (%s, %d tensors)", src, dest, fmt, len(weight_map))
+    return dest
+
+
+def _convert_file(f: Path, q: dict, writer: "_Writer") -> dict[str, torch.Tensor]:
+    """One source shard's tensors in the target format, each packed tensor checked against the config."""
+    tensors = {}
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                t = sf.get_tensor(key)
+                want = expected_shape(q, key)
+                if want is not None and tuple(t.shape) != want:
+                    raise CheckpointError(f"{key}: stored shape {tuple(t.shape)}, the quantization_config implies "
+                                          f"{want}; the config does not describe these tensors")
+                check_values(key, t, writer.bits(key))
+                tensors.update(writer.convert(key, t))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{f}: corrupt safetensors file ({exc})") from exc
+    return tensors
 
 
 def dequantize_gptq(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor, bits: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from moeq.io.checkpoint import CheckpointError, read_quantization_config, shard_files
+from moeq.io.integrity import check_binding, read_header
 
 _DTYPE_BYTES = {"I32": 4, "U8": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I8": 1, "BOOL": 1}
 
@@ -69,6 +70,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     """Read sizes from the files' headers and the quantization_config (no tensor data loaded)."""
     q = read_quantization_config(path)
     files = shard_files(path)
+    check_binding(q, [read_header(f) for f in files], str(path))  # never report an edited config's numbers
     prefixes = tuple(name + "." for name in q["modules"])
     expert_bytes = other = 0
     for f in files:

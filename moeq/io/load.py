@@ -14,7 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moeq.io.checkpoint import (FIELDS, PROJ_ROWS, CheckpointError, linear_from_spec, module_from_spec,
                                 read_quantization_config, shard_files)
+from moeq.io.integrity import check_binding, check_values, read_header
+from moeq.io.verify import verify_data
 from moeq.models import adapter_for
+from moeq.nn.linear import QuantizedLinear
 from moeq.nn.mixed import experts_modules
 from moeq.quantize_linear import set_module
 
@@ -62,10 +65,13 @@ def _load_expert_tensor(mod: nn.Module, key: str, e: int, proj: str, field: str,
     view = dst[le] if half is None else dst[le, half * inter : (half + 1) * inter]
     if view.shape != t.shape or view.dtype != t.dtype:
         raise CheckpointError(f"{key}: stored {t.dtype} {tuple(t.shape)}, expected {view.dtype} {tuple(view.shape)}")
+    spec = grp.w2_spec if prefix == "w2" else grp.w13_spec
+    check_values(key, t, spec.bits)
     view.copy_(t)
 
 
-def _assign(model: nn.Module, key: str, t: torch.Tensor) -> None:
+def assign_tensor(model: nn.Module, key: str, t: torch.Tensor) -> None:
+    """Put ``t`` in place of the parameter/buffer ``key`` (shape checked; cast to the model's dtype)."""
     mod_name, _, attr = key.rpartition(".")
     try:
         mod = model.get_submodule(mod_name)
@@ -80,9 +86,21 @@ def _assign(model: nn.Module, key: str, t: torch.Tensor) -> None:
         old = mod._buffers[attr]
         if tuple(old.shape) != tuple(t.shape):
             raise CheckpointError(f"{key}: stored shape {tuple(t.shape)}, model expects {tuple(old.shape)}")
+        if isinstance(mod, QuantizedLinear) and attr in FIELDS and t.dtype != old.dtype:
+            raise CheckpointError(f"{key}: stored {t.dtype}, the packed format specifies {old.dtype}")
         mod._buffers[attr] = t.to(old.dtype)
     else:
         raise CheckpointError(f"{key}: the model has no parameter or buffer of that name")
+
+
+def _linear_bits(model: nn.Module, key: str) -> int | None:
+    """Bit width of a ``QuantizedLinear`` buffer ``key`` (None for any other tensor)."""
+    mod_name, _, attr = key.rpartition(".")
+    try:
+        mod = model.get_submodule(mod_name)
+    except AttributeError:
+        return None
+    return mod.spec.bits if isinstance(mod, QuantizedLinear) and attr in FIELDS else None
 
 
 def _expected_expert_keys(quant: dict[str, nn.Module]) -> set[str]:
@@ -125,17 +143,25 @@ def build_skeleton(path: str | os.PathLike, qcfg: dict, device, dtype, backend: 
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                   backend: str | None = None) -> nn.Module:
+                   backend: str | None = None, verify: bool = False) -> nn.Module:
     """Load a moeq checkpoint written by :func:`moeq.save_quantized` onto ``device`` (eval mode).
 
     Args:
         dtype: dtype of the non-quantized weights (default: the checkpoint's ``config.dtype``).
         backend: kernel backend of the quantized modules (default: the one recorded, usually ``auto``).
+        verify: also hash every shard's data against its recorded SHA-256 (reads every byte twice).
+    Checks (:mod:`moeq.io.integrity`): headers consistent with the files, shard paths inside ``path``, every
+    tensor's shape and dtype, scales finite and >= 0, zero points in range, floats finite, and the digests that
+    bind ``quantization_config`` to the tensors.
     Raises:
-        CheckpointError: missing/corrupt files, keys that do not match the model, missing tensors.
+        CheckpointError: missing/corrupt files, keys that do not match the model, missing tensors, bad values,
+            a config edited after saving.
     """
     qcfg = read_quantization_config(path)
     files = shard_files(path)
+    headers = [read_header(f) for f in files]
+    if verify:
+        verify_data(headers)
     device = torch.device(device)
     model = build_skeleton(path, qcfg, device, dtype, backend or qcfg.get("backend", "auto"))
     quant = experts_modules(model)
@@ -151,7 +177,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
                         _load_expert_tensor(quant[hit[0]], key, *hit[1:], t)
                         got.add(key)
                     else:
-                        _assign(model, key, t)
+                        check_values(key, t, _linear_bits(model, key))
+                        assign_tensor(model, key, t)
         except SafetensorError as exc:
             raise CheckpointError(f"{f}: corrupt safetensors file ({exc})") from exc
     missing = sorted(want - got)
@@ -161,6 +188,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
     if still_meta:
         raise CheckpointError(f"{len(still_meta)} tensors missing from the checkpoint, e.g. {still_meta[:3]}")
+    if not check_binding(qcfg, headers, str(path)):
+        logger.warning("%s: format_version %s checkpoint (older moeq) has no digests binding its config to its "
+                       "tensors; re-save it to get them", path, qcfg.get("format_version", 0))
     model.to(device)
     model.config.quantization_config = qcfg
     model.eval()

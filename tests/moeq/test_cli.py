@@ -14,14 +14,6 @@ from moeq.testing import tiny_model, tiny_tokenizer
 TEXT = "def add(a, b):\n    return a + b\n\n" * 40
 
 
-@pytest.fixture(scope="module")
-def fp_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fp")
-    tiny_model("qwen2_moe").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
-
-
 def test_quantize_info_eval(fp_dir, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(fp_dir), "--out", str(out), "--bits", "4", "--group-size", "32",
