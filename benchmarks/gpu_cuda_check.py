@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout
 import moeq_kernels  # noqa: F401  (registers the ops and backends)
 from moeq_kernels import _cuda
 from benchmarks import bench_common as bc  # noqa: E402
+from moeq_kernels.experts import ExpertWeights  # noqa: E402
 from moeq_kernels.reference import fused_experts_ref, hadamard_ref
 
 try:
@@ -113,8 +114,8 @@ def run_checks(model, stacks) -> None:
             def check(t=t, hadamard=hadamard):
                 x, idx, w = input_set(model, t)
                 out = cuda_call(stacks, x, idx, w, hadamard)
-                ref = fused_experts_ref(x.float(), idx, w.float(), *stacks[0], *stacks[1], 4, 128, 4, 128, "silu",
-                                        hadamard)
+                weights = ExpertWeights.from_op_args(*stacks[0], *stacks[1], 4, 128, 4, 128, "silu", hadamard)
+                ref = fused_experts_ref(x.float(), idx, w.float(), weights)
                 return rel_err(out, ref)
             record_check(f"{model} T={t} hadamard={hadamard} vs reference", check)
 

@@ -43,6 +43,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from moeq_kernels.experts import ExpertWeights  # noqa: E402
 from moeq_kernels.packing import pack  # noqa: E402
 from moeq_kernels.reference import fused_experts_ref, hadamard_ref  # noqa: E402
 from moeq_kernels.triton.configs import GemmTile, KernelConfig, select_config, shape_key  # noqa: E402
@@ -55,6 +56,17 @@ try:
     from triton.runtime.errors import OutOfResources
 except ImportError:  # names moved: fall back to the base classes they derive from
     CompilationError = OutOfResources = RuntimeError
+
+
+def triton_flat(x, idx, w, *flat, config=None):
+    """``fused_experts_triton`` on this script's flat argument lists (``ExpertWeights.op_args`` order)."""
+    return fused_experts_triton(x, idx, w, ExpertWeights.from_op_args(*flat), config=config)
+
+
+def ref_flat(x, idx, w, *flat):
+    """``fused_experts_ref`` on a flat argument list (as :func:`triton_flat`)."""
+    return fused_experts_ref(x, idx, w, ExpertWeights.from_op_args(*flat))
+
 
 logger = logging.getLogger("gpu_kernels_check")
 DEV = "cuda"
@@ -130,8 +142,8 @@ def small_case(dtype, cfg, t=5, e=8, h=256, i=384, k=2, group=128, sym=True, bit
         idx = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)])
     w = torch.rand(t, k, device=DEV)
     args = [x, idx.to(DEV), w, *w13, *w2, bits, group, bits, group, "silu", hadamard]
-    got = fused_experts_triton(*args, config=cfg)
-    return rel_err(got, fused_experts_ref(x.float(), *args[1:])), TOL[dtype]
+    got = triton_flat(*args, config=cfg)
+    return rel_err(got, ref_flat(x.float(), *args[1:])), TOL[dtype]
 
 
 def run_small_checks() -> None:
@@ -193,8 +205,8 @@ def fused_config(model, t) -> KernelConfig | None:
 
 def real_case(model, t, hadamard, stacks, config=None):
     args = real_args(model, t, torch.bfloat16, hadamard, stacks)
-    got = fused_experts_triton(*args, config=config)
-    return rel_err(got, fused_experts_ref(args[0].float(), *args[1:])), TOL[torch.bfloat16]
+    got = triton_flat(*args, config=config)
+    return rel_err(got, ref_flat(args[0].float(), *args[1:])), TOL[torch.bfloat16]
 
 
 def run_real_checks(model, stacks) -> None:
@@ -209,14 +221,14 @@ def run_real_checks(model, stacks) -> None:
 
 def graph_case(model, t, stacks, config=None):
     args = real_args(model, t, torch.bfloat16, True, stacks)
-    fused_experts_triton(*args, config=config)  # warm-up: compiles, fills the Hadamard factor cache
+    triton_flat(*args, config=config)  # warm-up: compiles, fills the Hadamard factor cache
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = fused_experts_triton(*args, config=config)
+        out = triton_flat(*args, config=config)
     args[0].copy_(torch.randn_like(args[0]))  # new input in place: the replay must follow it
     g.replay()
     torch.cuda.synchronize()
-    return rel_err(out, fused_experts_triton(*args, config=config)), 1e-6
+    return rel_err(out, triton_flat(*args, config=config)), 1e-6
 
 
 def run_graph_checks(model, stacks) -> None:
@@ -239,7 +251,7 @@ def run_graph_checks(model, stacks) -> None:
         with torch.no_grad():
             for _ in range(3):  # warm-up, record, replay
                 out = fn(*args[:3]).clone()
-        return rel_err(out, fused_experts_triton(*args)), 1e-6
+        return rel_err(out, triton_flat(*args)), 1e-6
     record_check(f"{model} torch.compile(fullgraph, reduce-overhead) over the op", compiled_check)
 
 
@@ -297,7 +309,7 @@ def bench_shape(model, stacks, tokens, skip_eager: bool) -> None:
             try:
                 def moeq(sets=sets, hadamard=hadamard):
                     for s in sets:
-                        fused_experts_triton(*s[:-1], hadamard)
+                        triton_flat(*s[:-1], hadamard)
                 row[key] = bench_graph(moeq) / SETS
             except FAILURES as exc:
                 row[key + "_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -306,7 +318,7 @@ def bench_shape(model, stacks, tokens, skip_eager: bool) -> None:
             try:
                 def moeq_fused(sets=sets, fused=fused):
                     for s in sets:
-                        fused_experts_triton(*s[:-1], True, config=fused)
+                        triton_flat(*s[:-1], True, config=fused)
                 row["moeq_had_fused_us"] = bench_graph(moeq_fused) / SETS
             except FAILURES as exc:
                 row["moeq_had_fused_us_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -363,13 +375,13 @@ def time_candidate(model, t, cfg: KernelConfig, sets, ref, hadamard: bool) -> fl
     ``RESULTS["sweep"]``); None when it fails or is wrong (recorded with the error)."""
     rec = dict(model=model, T=t, hadamard=hadamard, config=cfg.to_dict())
     try:
-        err = rel_err(fused_experts_triton(*sets[0], config=cfg), ref)
+        err = rel_err(triton_flat(*sets[0], config=cfg), ref)
         if not err < TOL[torch.bfloat16]:
             raise AssertionError(f"wrong result, relative error {err:.2e}")
 
         def run():
             for s in sets:
-                fused_experts_triton(*s, config=cfg)
+                triton_flat(*s, config=cfg)
         rec["us"] = bench_graph(run, rep_ms=40) / SETS
     except FAILURES as exc:
         rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -382,7 +394,7 @@ def sweep_shape(model, stacks, tokens, deadline: float) -> dict:
     best = {}
     for t in tokens:
         sets = [real_args(model, t, torch.bfloat16, False, stacks) for _ in range(SETS)]
-        ref = fused_experts_ref(sets[0][0].float(), *sets[0][1:])
+        ref = ref_flat(sets[0][0].float(), *sets[0][1:])
         timings = []
         for cfg in sweep_candidates(model, t):
             if time.perf_counter() > deadline:
@@ -404,7 +416,7 @@ def sweep_hadamard_mode(model, t, cfg: KernelConfig, stacks) -> KernelConfig:
     """``cfg`` with the faster online-Hadamard placement on this shape (timed with the Hadamard on): the
     separate pass, or the fused down kernel at a few ``hadamard_block_n``."""
     sets = [real_args(model, t, torch.bfloat16, True, stacks) for _ in range(SETS)]
-    ref = fused_experts_ref(sets[0][0].float(), *sets[0][1:])
+    ref = ref_flat(sets[0][0].float(), *sets[0][1:])
     cands = [replace(cfg, hadamard="pass")] + [replace(cfg, hadamard="fused", hadamard_block_n=b) for b in (4, 8, 16)]
     timings = [(us, c) for c in cands if (us := time_candidate(model, t, c, sets, ref, hadamard=True)) is not None]
     if not timings:

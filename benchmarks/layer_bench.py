@@ -130,16 +130,13 @@ def _set_peak(row: dict, transient: int | None) -> None:
     row["peak_bytes"] = None if transient is None else row["resident_bytes"] + transient
 
 
-def op_attrs(module: QuantizedExperts, t: int, dtype: torch.dtype) -> dict:
-    """The attributes ``moeq_kernels.ops.fused_experts`` hands to ``backend_for`` for this call."""
-    return {"w13_bits": SPEC.bits, "w2_bits": SPEC.bits, "w13_group_size": module.group_size("w13"),
-            "w2_group_size": module.group_size("w2"), "hidden_dim": module.hidden_dim,
-            "intermediate_dim": module.intermediate_dim, "num_tokens": t, "zeros": False,
-            "online_hadamard": module.online_hadamard, "dtype": dtype}
+def op_attrs(module: QuantizedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor) -> dict:
+    """The attributes ``moeq_kernels.ops.fused_experts`` hands to ``backend_for`` for a call naming a backend."""
+    return module.weights().dispatch_attrs(hidden, top_k_index, explicit=True)
 
 
 def accepted_backends(device, attrs: dict, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
-    """Backends (``cuda > triton > reference`` order) that accept the call, and why the others do not."""
+    """Backends (``backends.BACKENDS`` order) that accept the call, and why the others do not."""
     ok, why = [], {}
     for name in backends.BACKENDS:
         if name not in backends.registered("fused_experts") or (wanted and name not in wanted):
@@ -204,7 +201,7 @@ def _bench_int4(module: QuantizedExperts, row_base: dict, sets: list, args, devi
     name_t = f"{row_base['shape']} T={row_base['T']}"
     for hadamard in (False, True):
         module.online_hadamard = hadamard  # one packed copy per shape serves both variants
-        ok, why = accepted_backends(device, op_attrs(module, row_base["T"], dtype), args.backends)
+        ok, why = accepted_backends(device, op_attrs(module, sets[0][0], sets[0][1]), args.backends)
         for name, reason in why.items():
             logger.info("%s hadamard=%s: backend %s skipped: %s", name_t, hadamard, name, reason)
         try:

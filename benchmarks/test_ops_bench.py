@@ -4,7 +4,7 @@
     python -m pytest benchmarks --benchmark-only --benchmark-json=ops.json -k fused_experts
 
 Ops: ``moeq::dequantize`` (a gate_up stack), ``moeq::fused_experts`` (with / without online Hadamard),
-``moeq::hadamard_transform`` and, when registered, ``moeq::moe_align``; every backend that
+``moeq::hadamard_transform`` and the routing sort ``moe_align`` (when triton is installed); every backend that
 ``backends.backend_for`` accepts for the call. On a GPU the shapes are the anchors' four real models
 (``benchmarks/shapes.py``); on a CPU their scaled-down twins. Each benchmarked call cycles over a few fresh
 input sets; on a GPU the calls are captured in one CUDA graph and the benchmark times replays (+ a sync), so
@@ -35,10 +35,10 @@ from moeq.nn.experts import QuantizedExperts  # noqa: E402
 from moeq_kernels import backends, ops  # noqa: E402,F401  (ops registers the custom ops)
 from moeq_kernels.hadamard import hadamard_transform  # noqa: E402,F401  (registers moeq::hadamard_transform)
 
-try:  # registers moeq::moe_align (imported lazily by the Triton backend otherwise)
-    import moeq_kernels.triton.moe_align  # noqa: F401
+try:  # the grouped path's routing sort (imported lazily by the Triton backend otherwise)
+    from moeq_kernels.triton.moe_align import moe_align_torch, moe_align_triton
 except ImportError:
-    pass
+    moe_align_torch = moe_align_triton = None
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEVICE.type == "cuda"
@@ -205,10 +205,12 @@ def test_hadamard_transform(benchmark, n, rows, backend, copy_bw):
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_ids)
 @pytest.mark.parametrize("t", TOKENS)
 def test_moe_align(benchmark, shape, t, copy_bw):
-    """``moeq::moe_align``: sort T*k routing slots by expert into block_m-padded tiles."""
-    if not hasattr(torch.ops.moeq, "moe_align"):
-        pytest.skip("moeq::moe_align is not registered")
+    """``moe_align``: sort T*k routing slots by expert into block_m-padded tiles (Triton on CUDA, its PyTorch
+    twin on CPU)."""
+    if moe_align_triton is None:
+        pytest.skip("triton is not installed")
+    align = moe_align_triton if GPU else moe_align_torch
     e, _, _, k = shape.ehik
     idx = [bc.random_routing(t, e, k, DTYPE, DEVICE)[0] for _ in range(SETS)]
-    calls = [lambda i=i: torch.ops.moeq.moe_align(i, e, 16) for i in idx]
+    calls = [lambda i=i: align(i, e, 16) for i in idx]
     _bench(benchmark, calls, t * k * 8 * 2, None, copy_bw, True)

@@ -6,8 +6,8 @@ belongs on the Python side:
 * the fake (shape-only) implementations of the ``moeq_C`` ops, for FakeTensorMode / ``torch.compile``
   (the C++ library names this module as its Python home, ``m.set_python_module``);
 * the ``cuda`` backends in :mod:`moeq_kernels.backends`: ``dequantize`` (``moeq_C::dequantize``),
-  ``fused_experts`` at decode sizes (``moeq_C::fused_experts_decode``, ``csrc/moe_decode.cu``; larger
-  ``num_tokens`` is refused so prefill goes to the Triton backend) and ``hadamard_transform``
+  ``fused_experts`` at decode sizes (``moeq_C::fused_experts_decode``, ``csrc/moe_decode.cu``; above
+  ``MAX_DECODE_TOKENS`` it is refused; below, ``auto`` follows the measured dispatch table) and ``hadamard_transform``
   (``moeq_C::hadamard_transform``, ``csrc/hadamard.cu``).
 
 References: :func:`moeq_kernels.packing.dequantize` (matched bit for bit, ``tests/kernels/test_cuda_ext.py``),
@@ -26,6 +26,7 @@ from functools import lru_cache
 import torch
 
 from moeq_kernels import backends
+from moeq_kernels.experts import ExpertWeights
 from moeq_kernels.hadamard import hadamard_factors, supported_hadamard_size
 from moeq_kernels.packing import dequantize as dequantize_ref  # noqa: F401  (the kernel's reference)
 from moeq_kernels.packing import validate_packed
@@ -143,10 +144,11 @@ def dequantize_cuda(
 
 # ------------------------------------------------------------------------------ fused_experts (decode)
 
-# Above this many tokens the CUDA decode kernels (one CTA row per routed slot, CUDA-core GEMV: their work
-# grows with T * k, not with the experts touched) give way to the Triton backend's tensor-core path.
-# Unmeasured: to tune on H100 (benchmarks/gpu_cuda_check.py times both at T=1 and T=16); the environment
-# variable overrides it without a code change.
+# The largest T the decode kernels accept (one CTA row per routed slot, CUDA-core GEMV: their work grows with
+# T * k, not with the experts touched): the range they are tested and measured in. Which backend ``auto``
+# uses inside it is not decided here but by the measured dispatch table (moeq_kernels/dispatch.py: on H100
+# the decode kernel wins at T = 1 and loses to Triton at T = 16 on every measured shape). The environment
+# variable changes the limit without a code change.
 MAX_DECODE_TOKENS = int(os.environ.get("MOEQ_CUDA_DECODE_MAX_TOKENS", "16"))
 DECODE_BITS = 4
 ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -195,7 +197,7 @@ def fused_experts_supports(device: torch.device, **attrs) -> str | None:
         return f"activation dtype {dtype} (runs float16 / bfloat16)"
     tokens = attrs.get("num_tokens", 0)
     if tokens > MAX_DECODE_TOKENS:
-        return f"num_tokens={tokens} is above the decode limit {MAX_DECODE_TOKENS} (prefill: triton backend)"
+        return f"num_tokens={tokens} is above the decode limit {MAX_DECODE_TOKENS} (larger calls: triton backend)"
     hidden, inter = attrs.get("hidden_dim", 0), attrs.get("intermediate_dim", 0)
     if hidden <= 0 or hidden % 32 or inter <= 0 or inter % 32:
         return f"H={hidden} and I={inter} must be positive multiples of 32"
@@ -216,18 +218,18 @@ def fused_experts_supports(device: torch.device, **attrs) -> str | None:
     return None
 
 
-def fused_experts_cuda(hidden, top_k_index, top_k_weights, w13_qweight, w13_scales, w13_qzeros, w2_qweight,
-                       w2_scales, w2_qzeros, w13_bits, w13_group_size, w2_bits, w2_group_size, activation,
-                       online_hadamard):
+def fused_experts_cuda(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                       weights: ExpertWeights) -> torch.Tensor:
     """``cuda`` backend of ``fused_experts``: arguments and result as
     :func:`moeq_kernels.reference.fused_experts_ref` (``[T, H]`` in ``hidden.dtype``)."""
-    if activation != "silu":
-        raise ValueError(f"the CUDA decode kernel implements activation 'silu' only, got {activation!r}")
-    if w13_bits != DECODE_BITS or w2_bits != DECODE_BITS:
-        raise ValueError(f"the CUDA decode kernel is 4-bit only, got bits {w13_bits}/{w2_bits}")
+    w13, w2 = weights.w13, weights.w2
+    if weights.activation != "silu":
+        raise ValueError(f"the CUDA decode kernel implements activation 'silu' only, got {weights.activation!r}")
+    if w13.bits != DECODE_BITS or w2.bits != DECODE_BITS:
+        raise ValueError(f"the CUDA decode kernel is 4-bit only, got bits {w13.bits}/{w2.bits}")
     return torch.ops.moeq_C.fused_experts_decode(
-        hidden, top_k_index, top_k_weights, w13_qweight, w13_scales, w13_qzeros, w2_qweight, w2_scales, w2_qzeros,
-        w13_group_size, w2_group_size, online_hadamard)
+        hidden, top_k_index, top_k_weights, w13.qweight, w13.scales, w13.qzeros, w2.qweight, w2.scales, w2.qzeros,
+        w13.group_size, w2.group_size, weights.online_hadamard)
 
 
 def _fused_experts_decode_fake(hidden, top_k_index, top_k_weights, w13_qweight, w13_scales, w13_qzeros, w2_qweight,

@@ -1,10 +1,14 @@
 """The one backend dispatch of moeq_kernels: which implementation runs each op.
 
 Each op has implementations registered per backend (``cuda`` = the compiled ``csrc/`` extension,
-``triton``, ``reference`` = pure PyTorch). :func:`backend_for` picks, for an op and the tensors it gets,
-the first backend in the order ``cuda > triton > reference`` whose ``supports`` predicate accepts the call,
-or the backend the caller named. Naming a backend that cannot run the call raises: results never change
-silently because a faster path was missing.
+``fast_hadamard_transform`` = the optional package of that name (``hadamard_transform`` only), ``triton``,
+``reference`` = pure PyTorch). :func:`backend_for` picks, for an op and the tensors it gets:
+
+* the backend the caller named; naming a backend that cannot run the call raises (results never change
+  silently because a faster path was missing);
+* with ``"auto"``: the backends whose ``supports`` predicate accepts the call; when several can and the op
+  has a measured dispatch table (:mod:`moeq_kernels.dispatch`: ``fused_experts`` on CUDA tensors), the
+  table's choice for the nearest measured point; otherwise the first in the static order :data:`BACKENDS`.
 """
 
 from __future__ import annotations
@@ -15,9 +19,14 @@ from typing import Callable
 
 import torch
 
+from moeq_kernels import dispatch as table
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("cuda", "triton", "reference")
+# Static preference order of ``auto`` where no dispatch table decides. fast_hadamard_transform sits after
+# moeq's own CUDA kernel and before Triton: where it is installed and moeq's extension is not built it is
+# what ``auto`` used before it had its own name (it was registered as "cuda").
+BACKENDS = ("cuda", "fast_hadamard_transform", "triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -77,20 +86,32 @@ def backend_for(op: str, device: torch.device | str, requested: str = "auto", **
         if why is not None:
             raise RuntimeError(f"backend {requested!r} cannot run {op} here: {why}")
         return requested
-    reasons = []
+    tabled = device.type == "cuda" and op == table.load_table().op
+    reasons, runnable = [], []
     for name in BACKENDS:
         if name not in impls:
             continue
         why = impls[name].supports(device, **attrs)
         if why is None:
-            key = (op, device.type, name)
-            if key not in _LOGGED:
-                _LOGGED.add(key)
-                logger.info("moeq op %s on %s uses the %s backend%s", op, device.type, name,
-                            "" if not reasons else f" ({'; '.join(reasons)})")
-            return name
-        reasons.append(f"{name}: {why}")
-    raise RuntimeError(f"no backend can run {op} on {device}: {'; '.join(reasons)}")
+            runnable.append(name)
+            if not tabled:
+                break  # static order: the first backend that can run the call
+        else:
+            reasons.append(f"{name}: {why}")
+    if not runnable:
+        raise RuntimeError(f"no backend can run {op} on {device}: {'; '.join(reasons)}")
+    name, how = runnable[0], "static order"
+    if len(runnable) > 1:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        pick = table.choose(op, table.gpu_family(index), runnable, attrs)
+        if pick is not None:
+            name, how = pick, "dispatch table"
+    key = (op, device.type, name)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.info("moeq op %s on %s uses the %s backend (%s%s)", op, device.type, name, how,
+                    "" if not reasons else f"; {'; '.join(reasons)}")
+    return name
 
 
 def dispatch(op: str, device: torch.device | str, requested: str, attrs: dict, *args):

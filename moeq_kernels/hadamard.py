@@ -24,9 +24,10 @@ The op, over the last dim of ``x [..., n]``::
     y = (x @ H_n) * scale,   i.e.  y[..., j] = scale * sum_i x[..., i] * H_n[i, j]
 
 in ``x.dtype`` (float16/bfloat16/float32/float64; accumulation in float32, float64 for float64).
-fast-hadamard-transform is not wired in as a backend: the registry's backend names are fixed (its CUDA
-kernels are not moeq's ``cuda`` backend) and its order-12/20/28/40 matrices need not equal these; only the
-power-of-two (Sylvester) sizes agree. ``benchmarks/gpu_hadamard_check.py`` times it when installed.
+The optional fast-hadamard-transform package (extra ``moeq[hadamard]``) is its own backend,
+``fast_hadamard_transform``, for power-of-two sizes only: there its Sylvester matrix equals moeq's, while
+its orders 12/20/28/40 use other Hadamard matrices than these. ``benchmarks/gpu_hadamard_check.py`` times it
+when installed.
 
 QuaRot usage: rotate activations with ``x @ Q``, ``Q = H_n / sqrt(n)``, and fold ``W <- W @ Q`` into the
 weight of the consuming ``nn.Linear`` (``y = x @ W^T`` is unchanged because ``Q @ Q^T = I``).
@@ -207,8 +208,11 @@ def _reference_impl(x: torch.Tensor, scale: float) -> torch.Tensor:
 backends.register(OP, "reference")(_reference_impl)
 
 
+FHT_BACKEND = "fast_hadamard_transform"
+
+
 def fht_supports(device: torch.device, n: int = 0, dtype=None, **attrs) -> str | None:
-    """When the optional fast-hadamard-transform package can stand in as the ``cuda`` backend."""
+    """When the optional fast-hadamard-transform package can run a ``hadamard_transform`` call."""
     if torch.device(device).type != "cuda":
         return "fast-hadamard-transform runs on CUDA tensors"
     if n <= 0 or n & (n - 1):
@@ -220,19 +224,21 @@ def fht_supports(device: torch.device, n: int = 0, dtype=None, **attrs) -> str |
 
 
 def register_fast_hadamard_transform(module=None) -> bool:
-    """Use fast-hadamard-transform (optional extra ``moeq[hadamard]``) as the ``cuda`` backend of
-    ``hadamard_transform`` when it is installed and moeq's own CUDA kernel is not registered. For powers of two
-    its transform is ``x @ H_n * scale`` with the same Sylvester ``H_n`` as moeq's. Returns True if registered."""
+    """Register fast-hadamard-transform (optional extra ``moeq[hadamard]``) as the ``fast_hadamard_transform``
+    backend of ``hadamard_transform`` when it is installed. For powers of two its transform is ``x @ H_n * scale``
+    with the same Sylvester ``H_n`` as moeq's. ``auto`` prefers moeq's own CUDA kernel when that is built
+    (order in :data:`moeq_kernels.backends.BACKENDS`). Returns True if it registered it now (False: not
+    installed, or already registered)."""
     if module is None:
         try:
             import fast_hadamard_transform as module
         except ImportError:
             return False
-    if "cuda" in backends.registered(OP):
+    if FHT_BACKEND in backends.registered(OP):
         return False
 
     def run(x: torch.Tensor, scale: float) -> torch.Tensor:
         return module.hadamard_transform(x.contiguous(), scale)
 
-    backends.register(OP, "cuda", fht_supports)(run)
+    backends.register(OP, FHT_BACKEND, fht_supports)(run)
     return True

@@ -3,6 +3,10 @@
 Every op takes a ``backend`` string (``"auto"`` or a name from :data:`moeq_kernels.backends.BACKENDS`)
 and runs through :func:`moeq_kernels.backends.dispatch`, so ``torch.compile(fullgraph=True)`` sees one
 opaque node per op and the fake implementation gives it shapes without running a kernel.
+
+``moeq::fused_experts`` has a flat schema (the op boundary takes tensors and scalars); Python code passes an
+:class:`moeq_kernels.experts.ExpertWeights` to :func:`apply_experts`, and every backend implementation gets
+one back, rebuilt right after the boundary.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from moeq_kernels import backends
+from moeq_kernels.experts import ExpertWeights
 from moeq_kernels.packing import dequantize as _dequantize_ref
 from moeq_kernels.reference.experts import ACTIVATIONS, fused_experts_ref
 
@@ -69,25 +74,27 @@ def fused_experts(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not supported; expected one of {sorted(ACTIVATIONS)}")
-    attrs = {
-        "w13_bits": w13_bits, "w2_bits": w2_bits, "w13_group_size": w13_group_size, "w2_group_size": w2_group_size,
-        "hidden_dim": hidden.shape[-1], "intermediate_dim": w2_qweight.shape[-1] * 32 // w2_bits,
-        "num_tokens": hidden.shape[0], "zeros": w13_qzeros is not None or w2_qzeros is not None,
-        "online_hadamard": online_hadamard, "dtype": hidden.dtype, "activation": activation,
-        # CPU tensors run Triton only through the interpreter, and only when the caller names it: "auto" on a
-        # CPU must not send a model's forward into the (slow, bf16-inexact) interpreter.
-        "explicit": backend != "auto",
-    }
-    return backends.dispatch(
-        "fused_experts", hidden.device, backend, attrs,
-        hidden, top_k_index, top_k_weights, w13_qweight, w13_scales, w13_qzeros, w2_qweight, w2_scales,
-        w2_qzeros, w13_bits, w13_group_size, w2_bits, w2_group_size, activation, online_hadamard,
-    )
+    weights = ExpertWeights.from_op_args(w13_qweight, w13_scales, w13_qzeros, w2_qweight, w2_scales, w2_qzeros,
+                                         w13_bits, w13_group_size, w2_bits, w2_group_size, activation,
+                                         online_hadamard)
+    attrs = weights.dispatch_attrs(hidden, top_k_index, explicit=backend != "auto")
+    return backends.dispatch("fused_experts", hidden.device, backend, attrs,
+                             hidden, top_k_index, top_k_weights, weights)
 
 
 @fused_experts.register_fake
 def _(hidden, top_k_index, top_k_weights, *args, **kwargs):
     return torch.empty_like(hidden)
+
+
+def apply_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  weights: ExpertWeights, backend: str = "auto") -> torch.Tensor:
+    """``torch.ops.moeq.fused_experts`` on an :class:`ExpertWeights` (the one place it is flattened).
+
+    Shapes as :func:`fused_experts`: ``hidden [T, H]``, ``top_k_index [T, k]``, ``top_k_weights [T, k]``;
+    returns ``[T, H]`` in ``hidden.dtype``.
+    """
+    return torch.ops.moeq.fused_experts(hidden, top_k_index, top_k_weights, *weights.op_args(), backend)
 
 
 def _no_grad(ctx, grad):
@@ -112,7 +119,7 @@ def _register_fast_backends() -> None:
     from moeq_kernels.hadamard import register_fast_hadamard_transform
 
     _cuda.load()
-    register_fast_hadamard_transform()  # only where moeq's own CUDA Hadamard is not built
+    register_fast_hadamard_transform()  # its own backend name; a no-op when the package is not installed
     try:
         import triton  # noqa: F401
     except ImportError:

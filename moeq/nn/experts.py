@@ -7,6 +7,7 @@ from torch import nn
 
 from moeq.config import WeightSpec
 from moeq_kernels import ops
+from moeq_kernels.experts import ExpertWeights
 from moeq_kernels.packing import SCALE_DTYPES, PackedWeight, check_pack_dims
 
 PROJ_NAMES = ("gate_up", "down")
@@ -18,8 +19,8 @@ class QuantizedExperts(nn.Module):
     Same forward signature as transformers v5 experts modules:
     ``forward(hidden_states [T, H], top_k_index [T, k] int, top_k_weights [T, k]) -> [T, H]``
     (``hidden_states.dtype``). Computes ``sum_j w[t, j] * down_e(silu(gate_e(x)) * up_e(x))`` through
-    ``torch.ops.moeq.fused_experts``, whose backend (``cuda > triton > reference``) is chosen per call
-    unless ``backend`` names one.
+    ``torch.ops.moeq.fused_experts`` (given :meth:`weights`, an ``ExpertWeights``), whose backend is chosen per
+    call (``moeq_kernels.backends``: the measured dispatch table on a GPU) unless ``backend`` names one.
 
     Buffers (persistent, so ``state_dict`` / ``.to(device)`` carry them):
         ``w13_qweight`` int32 ``[E, 2I, H*b/32]``, ``w13_scales`` ``[E, 2I, H/g]``, ``w13_qzeros`` uint8 or absent
@@ -70,15 +71,19 @@ class QuantizedExperts(nn.Module):
         backend: str = "auto",
     ) -> "QuantizedExperts":
         """Wrap packed ``gate_up`` (logical ``[E, 2I, H]``) and ``down`` (``[E, H, I]``) stacks."""
-        w13.validate()
-        w2.validate()
-        e, two_i, h = w13.shape
-        if w2.shape != (e, h, two_i // 2):
-            raise ValueError(f"down stack {w2.shape} does not match gate_up stack {w13.shape}")
+        return cls.from_weights(ExpertWeights(w13, w2, activation, online_hadamard), backend)
+
+    @classmethod
+    def from_weights(cls, weights: ExpertWeights, backend: str = "auto") -> "QuantizedExperts":
+        """Wrap an :class:`ExpertWeights` (its tensors become this module's buffers, no copy)."""
+        weights.validate()
+        w13, w2 = weights.w13, weights.w2
         if w13.scales.dtype != w2.scales.dtype:
             raise ValueError("gate_up and down scales must share one dtype")
+        e, two_i, h = w13.shape
         specs = [WeightSpec(p.bits, p.group_size, p.qzeros is None) for p in (w13, w2)]
-        mod = cls(e, h, two_i // 2, specs[0], specs[1], w13.scales.dtype, activation, online_hadamard, backend, device="meta")
+        mod = cls(e, h, two_i // 2, specs[0], specs[1], w13.scales.dtype, weights.activation, weights.online_hadamard,
+                  backend, device="meta")
         for prefix, p in (("w13", w13), ("w2", w2)):
             setattr(mod, f"{prefix}_qweight", p.qweight)
             setattr(mod, f"{prefix}_scales", p.scales)
@@ -93,6 +98,10 @@ class QuantizedExperts(nn.Module):
             spec.bits, self.group_size(prefix),
         )
 
+    def weights(self) -> ExpertWeights:
+        """The buffers as one :class:`ExpertWeights` (views, no copy; group sizes resolved to K when per-channel)."""
+        return ExpertWeights(self.packed("w13"), self.packed("w2"), self.activation, self.online_hadamard)
+
     def locate(self, e: int) -> tuple["QuantizedExperts", int]:
         """The module holding expert ``e`` and its index there (itself; see ``MixedQuantizedExperts``)."""
         return self, e
@@ -105,13 +114,7 @@ class QuantizedExperts(nn.Module):
                 f"top_k_index {tuple(top_k_index.shape)} / top_k_weights {tuple(top_k_weights.shape)} must both be "
                 f"[T={hidden_states.shape[0]}, k]"
             )
-        return ops.fused_experts(
-            hidden_states, top_k_index, top_k_weights,
-            self.w13_qweight, self.w13_scales, self.w13_qzeros,
-            self.w2_qweight, self.w2_scales, self.w2_qzeros,
-            self.w13_spec.bits, self.group_size("w13"), self.w2_spec.bits, self.group_size("w2"),
-            self.activation, self.online_hadamard, self.backend,
-        )
+        return ops.apply_experts(hidden_states, top_k_index, top_k_weights, self.weights(), self.backend)
 
     def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` in ``dtype`` (for fake-quant checks)."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from moeq.config import WeightSpec
 from moeq.nn.experts import QuantizedExperts
+from moeq_kernels.experts import ExpertWeights
 from moeq_kernels.packing import PackedWeight
 
 
@@ -91,8 +92,10 @@ def build_experts(parts13: list[PackedWeight], parts2: list[PackedWeight], onlin
     schemes: dict[tuple, list[int]] = {}
     for e, (a, b) in enumerate(zip(parts13, parts2)):
         schemes.setdefault((key(a), key(b)), []).append(e)
-    groups = [QuantizedExperts.from_packed(stack_packed([parts13[e] for e in m]), stack_packed([parts2[e] for e in m]),
-                                           online_hadamard=online_hadamard, backend=backend) for m in schemes.values()]
+    groups = [QuantizedExperts.from_weights(ExpertWeights(stack_packed([parts13[e] for e in m]),
+                                                          stack_packed([parts2[e] for e in m]),
+                                                          online_hadamard=online_hadamard), backend=backend)
+              for m in schemes.values()]
     if len(groups) == 1:
         return groups[0]
     return MixedQuantizedExperts(list(schemes.values()), groups)

@@ -1,8 +1,8 @@
 """Triton implementations of moeq_kernels ops; registered as the ``triton`` backend by :func:`register_all`.
 
 Modules: :mod:`.moe_gemm` (``fused_experts_triton``, the entry point), :mod:`.moe_decode` (slot/GEMV path),
-:mod:`.moe_prefill` (grouped ``tl.dot`` path), :mod:`.moe_align` (routing sort, custom op
-``moeq::moe_align``), :mod:`.moe_hadamard` (online Hadamard), :mod:`.moe_tiles` (dequant helpers),
+:mod:`.moe_prefill` (grouped ``tl.dot`` path), :mod:`.moe_align` (routing sort of the grouped path),
+:mod:`.moe_hadamard` (online Hadamard), :mod:`.moe_tiles` (dequant helpers),
 :mod:`.configs` (launch configs, pinning, JSON table).
 
 The kernel modules are imported lazily, at the first call: ``triton.jit`` decides at definition time
@@ -58,10 +58,10 @@ def fused_experts_supports(device: torch.device, **attrs) -> str | None:
     return None
 
 
-def _fused_experts(*args):
+def _fused_experts(hidden, top_k_index, top_k_weights, weights):
     from moeq_kernels.triton.moe_gemm import fused_experts_triton
 
-    return fused_experts_triton(*args)
+    return fused_experts_triton(hidden, top_k_index, top_k_weights, weights)
 
 
 def register_all() -> None:

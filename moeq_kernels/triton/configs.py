@@ -227,9 +227,42 @@ def fit_block_k(requested: int, k: int, group: int) -> int | None:
     return None
 
 
-# Largest padded row the Hadamard rotation holds in registers (Mixtral's 128 x 128); unmeasured, to tune
-# on H100.
+# The two-factor row tilings of the MoE online Hadamard (the op moeq::hadamard_transform has its own
+# three-factor tiling, triton/hadamard.tile_config: a different kernel, not interchangeable without changing
+# its arithmetic). Both views split a row of length n = r * c into X [r, c] (c a power of two dividing the
+# 2^k part of n), so x @ H_n = vec(H_r^T X H_c), and both pick c by one rule, two_factor_split:
+#   * the separate pass (moe_hadamard.rotate_rows_): c in 1..2^k, padded tile <= MAX_ROTATION_TILE;
+#   * the fused down-kernel prologue (moe_decode._down_slot_rot_kernel): c in 16..FUSED_MAX_C, no tile limit.
+# Largest padded row the separate pass holds in registers (Mixtral's 128 x 128); unmeasured, to tune on H100.
 MAX_ROTATION_TILE = 16384
+# Rows of the rotated tile produced per K step of the fused down kernel: 16 is tl.dot's minimum N.
+FUSED_ROW_BLOCK = 16
+# Widest Sylvester factor the fused kernel holds ([c, c] in registers, and a [BLOCK_N, 16, c] weight tile).
+FUSED_MAX_C = 128
+
+
+def two_factor_split(n: int, c_min: int, c_max: int | None, max_tile: int | None) -> tuple[int, int, int, int] | None:
+    """``(r, c, r_pad, c_pad)`` tiling a length-``n`` row as ``X [r, c]``, or None when no ``c`` qualifies.
+
+    ``c`` runs over the powers of two in ``[c_min, min(c_max, 2^k)]`` (``2^k`` the power-of-two factor of
+    ``n``); each axis pads to a power of two >= 16 (tl.dot's minimum). The choice minimizes
+    ``(r_pad + c_pad, r_pad * c_pad)`` (per element, the two contractions cost ``r_pad + c_pad``
+    multiply-adds; then the smaller tile), the smaller ``c`` on ties, among tiles of at most ``max_tile``
+    padded values. ``ValueError`` when ``n`` has no supported Hadamard order.
+    """
+    from moeq_kernels.hadamard import hadamard_factors
+
+    _, p = hadamard_factors(n)
+    best = None
+    c = c_min
+    while c <= (p if c_max is None else min(p, c_max)):
+        r = n // c
+        r_pad, c_pad = max(16, 1 << (r - 1).bit_length()), max(16, c)
+        cost = (r_pad + c_pad, r_pad * c_pad)
+        if (max_tile is None or r_pad * c_pad <= max_tile) and (best is None or cost < best[0]):
+            best = (cost, (r, c, r_pad, c_pad))
+        c *= 2
+    return None if best is None else best[1]
 
 
 @dataclass(frozen=True)
@@ -245,22 +278,12 @@ class RotationPlan:
 
 @functools.lru_cache(maxsize=None)
 def rotation_plan(n: int) -> RotationPlan:
-    """The tiling of a length-``n`` row; ``ValueError`` if ``n`` has no supported Hadamard order."""
-    from moeq_kernels.hadamard import hadamard_factors
-
-    _, p = hadamard_factors(n)
-    best = None
-    c = 1
-    while c <= p:
-        r = n // c
-        r_pad, c_pad = max(16, 1 << (r - 1).bit_length()), max(16, c)
-        cost = (r_pad + c_pad, r_pad * c_pad)
-        if r_pad * c_pad <= MAX_ROTATION_TILE and (best is None or cost < best[0]):
-            best = (cost, RotationPlan(n, r, c, r_pad, c_pad))
-        c *= 2
-    if best is None:
+    """The separate pass's tiling of a length-``n`` row; ``ValueError`` if ``n`` has no supported Hadamard
+    order or no tile fits :data:`MAX_ROTATION_TILE`."""
+    split = two_factor_split(n, 1, None, MAX_ROTATION_TILE)
+    if split is None:
         raise ValueError(f"Hadamard size {n} needs more than {MAX_ROTATION_TILE} padded values per row")
-    return best[1]
+    return RotationPlan(n, *split)
 
 
 @dataclass(frozen=True)
@@ -276,35 +299,22 @@ class FusedRotationPlan:
     rb: int
 
 
-# Rows of the rotated tile produced per K step of the fused down kernel: 16 is tl.dot's minimum N.
-FUSED_ROW_BLOCK = 16
-# Widest Sylvester factor the fused kernel holds ([c, c] in registers, and a [BLOCK_N, 16, c] weight tile).
-FUSED_MAX_C = 128
-
-
 @functools.lru_cache(maxsize=None)
 def fused_rotation_plan(n: int) -> FusedRotationPlan:
     """The fused kernel's tiling of a length-``n`` row; ``ValueError`` naming the problem if it has none.
 
-    ``c`` (a power of two in 16..128 dividing the 2^k part of ``n``) minimizes ``c + r_pad``: per row,
-    ``X @ H_c`` costs ``n * c`` and ``H_r^T Y`` costs ``n * r_pad`` multiply-adds, and every down program
-    pays them (Qwen3 768 -> 24(32) x 32, DeepSeek 1408 -> 44(64) x 32, OLMoE 1024 -> 32 x 32,
-    Mixtral 14336 -> 112(128) x 128).
+    :func:`two_factor_split` with ``16 <= c <= FUSED_MAX_C`` (``c`` is unpadded there), so every down program
+    pays ``n * (c + r_pad)`` multiply-adds per row (Qwen3 768 -> 24(32) x 32, DeepSeek 1408 -> 44(64) x 32,
+    OLMoE 1024 -> 32 x 32, Mixtral 14336 -> 112(128) x 128).
     """
-    from moeq_kernels.hadamard import hadamard_factors
+    split = two_factor_split(n, 16, FUSED_MAX_C, None)
+    if split is None:
+        from moeq_kernels.hadamard import hadamard_factors
 
-    _, p = hadamard_factors(n)
-    best = None
-    c = 16
-    while c <= min(p, FUSED_MAX_C):
-        r = n // c
-        r_pad = max(FUSED_ROW_BLOCK, 1 << (r - 1).bit_length())
-        if best is None or c + r_pad < best.c + best.r_pad:
-            best = FusedRotationPlan(n, r, c, r_pad, FUSED_ROW_BLOCK)
-        c *= 2
-    if best is None:
-        raise ValueError(f"fused online Hadamard of size {n}: its power-of-two factor {p} is under 16")
-    return best
+        raise ValueError(f"fused online Hadamard of size {n}: its power-of-two factor {hadamard_factors(n)[1]} "
+                         "is under 16")
+    r, c, r_pad, _ = split
+    return FusedRotationPlan(n, r, c, r_pad, FUSED_ROW_BLOCK)
 
 
 def plan_reason(n: int) -> str | None:

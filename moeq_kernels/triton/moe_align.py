@@ -18,9 +18,11 @@ op never syncs with the host and CUDA graphs capture it):
 ``expert_counts``  ``[E]``: slots routed to each expert. Ids outside ``[0, E)`` (expert-parallel sentinels)
     are counted nowhere and appear nowhere.
 
-Two implementations compute identical outputs: one Triton program (:func:`moe_align_triton`; used on
-CUDA and under ``TRITON_INTERPRET=1``) and sync-free PyTorch (:func:`moe_align_torch`; the oracle and the
-CPU fallback). ``torch.ops.moeq.moe_align`` is the custom op, with a fake implementation.
+Two implementations compute identical outputs: one Triton program (:func:`moe_align_triton`; what the grouped
+path of ``fused_experts_triton`` launches, on CUDA and under ``TRITON_INTERPRET=1``) and sync-free PyTorch
+(:func:`moe_align_torch`; the test oracle). It is not a custom op of its own: its one caller runs inside the
+opaque ``moeq::fused_experts`` op, so ``torch.compile`` never traces it and a schema plus fake implementation
+would be surface nothing uses.
 
 Why one program: at decode ``TK`` is 1-128 slots and the whole job is a few hundred integer ops, so a
 single launch beats any multi-kernel sort (launch latency dominates). At prefill (``TK`` = 16K) it loops
@@ -28,8 +30,6 @@ single launch beats any multi-kernel sort (launch latency dominates). At prefill
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -162,23 +162,3 @@ def moe_align_torch(top_k_index: torch.Tensor, num_experts: int, block_m: int) -
     offsets.copy_(torch.cat([starts, total]))
     counts.copy_(cnt[:num_experts])
     return sorted_slots, block_expert, offsets, counts
-
-
-def _use_triton(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@torch.library.custom_op("moeq::moe_align", mutates_args=())
-def moe_align(top_k_index: torch.Tensor, num_experts: int, block_m: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Custom op: ``(sorted_slots, block_expert, expert_offsets, expert_counts)`` (module docstring).
-
-    Triton on CUDA (and under ``TRITON_INTERPRET=1``), PyTorch otherwise; both are host-sync free.
-    """
-    impl = moe_align_triton if _use_triton(top_k_index.device) else moe_align_torch
-    return impl(top_k_index, num_experts, block_m)
-
-
-@moe_align.register_fake
-def _(top_k_index, num_experts, block_m):
-    return _outputs(top_k_index.shape[0] * top_k_index.shape[1], num_experts, block_m, top_k_index.device)

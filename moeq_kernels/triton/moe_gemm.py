@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moeq_kernels.experts import ExpertWeights
+from moeq_kernels.packing import PackedWeight
 from moeq_kernels.triton.configs import KernelConfig, fit_block_k, select_config
 from moeq_kernels.triton.moe_align import moe_align_triton
 from moeq_kernels.triton.moe_decode import launch_slot
@@ -67,6 +69,11 @@ class PackedArgs:
             raise ValueError(f"qzeros must be uint8 {(e, n, g)}, got {qzeros.dtype} {tuple(qzeros.shape)}")
         zeros = qzeros.contiguous() if qzeros is not None else None
         return cls(qweight.contiguous(), scales.contiguous(), zeros, bits, group)
+
+    @classmethod
+    def of(cls, p: PackedWeight) -> "PackedArgs":
+        """:meth:`build` from a :class:`moeq_kernels.packing.PackedWeight`."""
+        return cls.build(p.qweight, p.scales, p.qzeros, p.bits, p.group_size)
 
     @property
     def num_experts(self) -> int:
@@ -113,32 +120,21 @@ def fused_experts_triton(
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
-    w13_qweight: torch.Tensor,
-    w13_scales: torch.Tensor,
-    w13_qzeros: torch.Tensor | None,
-    w2_qweight: torch.Tensor,
-    w2_scales: torch.Tensor,
-    w2_qzeros: torch.Tensor | None,
-    w13_bits: int,
-    w13_group_size: int,
-    w2_bits: int,
-    w2_group_size: int,
-    activation: str = "silu",
-    online_hadamard: bool = False,
+    weights: ExpertWeights,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
-    """Quantized MoE experts; arguments and result as ``moeq::fused_experts`` (see ``moeq_kernels.ops``).
+    """Quantized MoE experts; arguments and result as the reference (``moeq_kernels.reference.fused_experts_ref``).
 
     Shapes: ``hidden [T, H]`` fp16/bf16 (last dim contiguous), ``top_k_index [T, k]`` int32/int64,
-    ``top_k_weights [T, k]`` any float dtype, ``w13_*`` logical ``[E, 2I, H]``, ``w2_*`` logical
+    ``top_k_weights [T, k]`` any float dtype, ``weights.w13`` logical ``[E, 2I, H]``, ``weights.w2`` logical
     ``[E, H, I]``. Returns ``[T, H]`` in ``hidden.dtype``. ``config`` overrides the table lookup.
     """
-    if activation != "silu":
-        raise ValueError(f"the Triton MoE kernels implement activation 'silu' only, got {activation!r}")
+    if weights.activation != "silu":
+        raise ValueError(f"the Triton MoE kernels implement activation 'silu' only, got {weights.activation!r}")
     if hidden.dtype not in ACT_DTYPES or hidden.dim() != 2:
         raise ValueError(f"hidden must be fp16/bf16 [T, H], got {hidden.dtype} {tuple(hidden.shape)}")
-    w13 = PackedArgs.build(w13_qweight, w13_scales, w13_qzeros, w13_bits, w13_group_size)
-    w2 = PackedArgs.build(w2_qweight, w2_scales, w2_qzeros, w2_bits, w2_group_size)
+    w13, w2 = PackedArgs.of(weights.w13), PackedArgs.of(weights.w2)
+    online_hadamard = weights.online_hadamard
     t, hdim = hidden.shape
     top_k = top_k_index.shape[-1]
     inter = w2.k

@@ -26,6 +26,7 @@ import torch
 
 import moeq_kernels  # noqa: F401  (imports ops, which calls _cuda.load())
 from moeq_kernels import _cuda, backends, ops
+from moeq_kernels.experts import ExpertWeights
 from moeq_kernels.hadamard import hadamard_transform
 from moeq_kernels.packing import pack
 from moeq_kernels.reference import fused_experts_ref, hadamard_ref
@@ -72,8 +73,8 @@ def reference(c, hadamard):
     cpu = {key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in c.items()}
     w13 = [None if x is None else x.cpu() for x in c["w13"]]
     w2 = [None if x is None else x.cpu() for x in c["w2"]]
-    return fused_experts_ref(cpu["hidden"].float(), cpu["ids"], cpu["wts"].float(), *w13, *w2, 4, c["g13"], 4,
-                             c["g2"], "silu", hadamard)
+    weights = ExpertWeights.from_op_args(*w13, *w2, 4, c["g13"], 4, c["g2"], "silu", hadamard)
+    return fused_experts_ref(cpu["hidden"].float(), cpu["ids"], cpu["wts"].float(), weights)
 
 
 def rel_err(got, ref):

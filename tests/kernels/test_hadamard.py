@@ -331,10 +331,12 @@ def test_fast_hadamard_transform_backend_registration(monkeypatch):
     fake = types.SimpleNamespace(hadamard_transform=lambda x, scale: calls.append(scale) or x * scale)
     saved = dict(be.registered(hm.OP))
     try:
-        be.registered(hm.OP).pop("cuda", None)
+        be.registered(hm.OP).pop(hm.FHT_BACKEND, None)
         assert hm.register_fast_hadamard_transform(fake)
-        assert not hm.register_fast_hadamard_transform(fake)  # a registered cuda backend (moeq's own) wins
-        impl = be.registered(hm.OP)["cuda"]
+        assert not hm.register_fast_hadamard_transform(fake)  # registered once, under its own name
+        # never under moeq's own "cuda" name (issue 18: it is not moeq's kernel)
+        assert be.registered(hm.OP).get("cuda") is not be.registered(hm.OP)[hm.FHT_BACKEND]
+        impl = be.registered(hm.OP)[hm.FHT_BACKEND]
         assert impl.supports(torch.device("cuda"), n=1024, dtype=torch.bfloat16) is None
         assert "power-of-two" in impl.supports(torch.device("cuda"), n=1408, dtype=torch.bfloat16)  # 44*32: other H_44
         assert "CUDA" in impl.supports(torch.device("cpu"), n=1024, dtype=torch.bfloat16)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from moeq_kernels import ops
 from moeq_kernels.packing import dequantize, pack
+from moeq_kernels.experts import ExpertWeights
 from moeq_kernels.reference import fused_experts_ref, hadamard_ref
 
 
@@ -39,7 +40,7 @@ def _case(t, e, h, i, k, g=32, sym=True, seed=0, idx=None, hadamard=False):
     if idx is None:
         idx = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.long)
     w = torch.rand(t, k, generator=gen)
-    got = fused_experts_ref(x, idx, w, *w13p, *w2p, 4, g, 4, g, "silu", hadamard)
+    got = fused_experts_ref(x, idx, w, ExpertWeights.from_op_args(*w13p, *w2p, 4, g, 4, g, "silu", hadamard))
     w13 = dequantize(*w13p, 4, g, torch.float64)
     w2 = dequantize(*w2p, 4, g, torch.float64)
     ref = _naive(x, idx, w, w13, w2, hadamard)
@@ -83,6 +84,7 @@ def test_op_matches_reference_and_rejects_bad_activation():
     idx = torch.tensor([[0, 1], [2, 3], [1, 0]])
     w = torch.rand(3, 2, generator=gen)
     args = (x, idx, w, *w13p, *w2p, 4, 32, 4, 32)
-    assert torch.equal(ops.fused_experts(*args, "silu", False, "reference"), fused_experts_ref(*args, "silu", False))
+    weights = ExpertWeights.from_op_args(*args[3:], "silu", False)
+    assert torch.equal(ops.fused_experts(*args, "silu", False, "reference"), fused_experts_ref(*args[:3], weights))
     with pytest.raises(ValueError, match="activation"):
         ops.fused_experts(*args, "relu", False, "auto")

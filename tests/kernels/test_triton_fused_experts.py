@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 
 from moeq_kernels import backends, ops  # noqa: E402
 from moeq_kernels.packing import pack  # noqa: E402
+from moeq_kernels.experts import ExpertWeights  # noqa: E402
 from moeq_kernels.reference import fused_experts_ref, hadamard_ref  # noqa: E402
 from moeq_kernels.triton import configs, fused_experts_supports  # noqa: E402
 from moeq_kernels.triton.configs import GemmTile, KernelConfig  # noqa: E402
@@ -57,9 +58,14 @@ def _case(t=5, e=4, h=64, i=96, k=2, group=32, sym=True, bits=4, dtype=torch.flo
     return [x.to(DEVICE), idx.to(DEVICE), w.to(DEVICE), *w13, *w2, bits, group, bits, group]
 
 
+def _split(args, hadamard=False):
+    """``(x, idx, w, ExpertWeights)`` from a flat ``_case`` argument list."""
+    return (*args[:3], ExpertWeights.from_op_args(*args[3:], "silu", hadamard))
+
+
 def _check(args, hadamard=False, config=None):
-    got = fused_experts_triton(*args, "silu", hadamard, config=config)
-    ref = fused_experts_ref(args[0].float(), *args[1:], "silu", hadamard)
+    got = fused_experts_triton(*_split(args, hadamard), config=config)
+    ref = fused_experts_ref(args[0].float(), *_split(args, hadamard)[1:])
     assert got.shape == args[0].shape and got.dtype == args[0].dtype
     assert bool(torch.isfinite(got).all()), "unwritten or overflowed outputs"
     err = ((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -121,7 +127,7 @@ def test_registered_op_and_auto_dispatch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
     args = _case(t=3)
     got = ops.fused_experts(*args, "silu", False, "triton")
-    assert torch.equal(got, fused_experts_triton(*args))
+    assert torch.equal(got, fused_experts_triton(*_split(args)))
     attrs = dict(w13_bits=4, w2_bits=4, w13_group_size=32, w2_group_size=32, hidden_dim=64,
                  intermediate_dim=96, num_tokens=3, zeros=False, online_hadamard=True, dtype=torch.float16)
     # on a CPU, "auto" never enters the interpreter; naming triton does
@@ -183,10 +189,10 @@ def test_config_table_env_and_pinning(tmp_path, monkeypatch):
 def test_cuda_graph_capture_bf16():
     # No host syncs: the whole call captures, and replays match eager (grouped path, Hadamard on).
     args = _case(t=40, e=8, h=256, i=768, k=2, dtype=torch.bfloat16)
-    eager = fused_experts_triton(*args, "silu", True)
+    eager = fused_experts_triton(*_split(args, True))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fused_experts_triton(*args, "silu", True)
+        out = fused_experts_triton(*_split(args, True))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
@@ -215,8 +221,8 @@ def test_fused_hadamard_matches_reference(kwargs):
 def test_fused_hadamard_equals_the_separate_pass():
     # Same math, two kernels: the outputs agree to a couple of output roundings.
     args = _case(t=2, i=192, seed=7)
-    fused = fused_experts_triton(*args, "silu", True, config=_fused())
-    passed = fused_experts_triton(*args, "silu", True, config=SLOT)
+    fused = fused_experts_triton(*_split(args, True), config=_fused())
+    passed = fused_experts_triton(*_split(args, True), config=SLOT)
     assert ((fused.float() - passed.float()).norm() / passed.float().norm()).item() < 2e-3
 
 
@@ -231,4 +237,4 @@ def test_fused_hadamard_plans_and_refusals():
         KernelConfig(path="grouped", hadamard="fused")         # grouped programs would redo the rotation
     with pytest.raises(ValueError, match="does not align"):
         # I = 768 tiles as 24 x 32; group 48 straddles the 32-wide rows of the rotated tile.
-        fused_experts_triton(*_case(t=1, h=96, i=768, group=48), "silu", True, config=_fused())
+        fused_experts_triton(*_split(_case(t=1, h=96, i=768, group=48), True), config=_fused())

@@ -106,14 +106,16 @@ def _stack(e, n, k, bits, group, dtype, asym):
 
 def _experts_case(e, h, i, k, t, dtype=torch.bfloat16, bits=4, group=128, asym=False, hadamard=False,
                   config=None):
+    from moeq_kernels.experts import ExpertWeights
     from moeq_kernels.triton.moe_gemm import fused_experts_triton
 
     x = torch.zeros(t, h, dtype=dtype)
     idx = torch.stack([torch.arange(k) for _ in range(t)])
     w = torch.ones(t, k)
-    fused_experts_triton(x, idx, w, *_stack(e, 2 * i, h, bits, group, dtype, asym),
-                         *_stack(e, h, i, bits, group, dtype, asym), bits, group, bits, group, "silu", hadamard,
-                         config=config)
+    weights = ExpertWeights.from_op_args(*_stack(e, 2 * i, h, bits, group, dtype, asym),
+                                         *_stack(e, h, i, bits, group, dtype, asym), bits, group, bits, group,
+                                         "silu", hadamard)
+    fused_experts_triton(x, idx, w, weights, config=config)
 
 
 def main() -> int:
