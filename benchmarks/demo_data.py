@@ -21,3 +21,15 @@ def demo_setup(nsamples: int, seqlen: int, train_bytes: int = 400_000, heldout_b
                            seqlen, seed=0)
     held = torch.tensor(tok(stdlib_text("heldout", max_bytes=heldout_bytes))["input_ids"])
     return fp, tok, calib, held
+
+
+def write_results(out: str, res: dict, markdown) -> None:
+    """``<out>.json`` (the measured record) and ``<out>.md`` (``markdown(res)``), also printed."""
+    import json
+    from pathlib import Path
+
+    p = Path(out)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    p.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))

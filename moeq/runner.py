@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moeq.calib.expert_tokens import expert_token_stats, format_token_stats
 from moeq.config import QuantConfig
 from moeq.models import MoEAdapter
 from moeq.quantizers.gptq_layer import LayerQuantizer
@@ -102,6 +103,9 @@ def run_sequential(model: nn.Module, adapter: MoEAdapter, config: QuantConfig, i
         for stage in (1, 2):
             _calibrate_stage(lq, stage, inputs, device)
         meta.update(lq.metadata)
+        for name, m in lq.metadata.items():  # what each expert's Hessian was built from (min/median/few-token)
+            logger.info("%s: %s", name, format_token_stats(expert_token_stats(m["tokens"], m["total_tokens"],
+                                                                             threshold=m["threshold"])))
         inputs.hidden = [o.to(store) for o in _run_layer(layer, inputs, device)]
         layers[i].to(home)
     for m in _non_layer_modules(model, adapter):

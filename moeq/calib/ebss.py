@@ -8,17 +8,23 @@ Each sample starts from a random printable first token and grows by a beam searc
 2. all ``W*K`` candidates are run through the model as one batch (one token each on a shared
    ``DynamicCache``), so the routing of the candidate token itself is known: forward hooks on each MoE
    block's router add its top-k experts to the candidate's usage counts;
-3. each candidate is scored ``score = mean_logprob - sigma / tau`` and the ``W`` best survive.
+3. each candidate is scored ``score = mean_logprob - cv / tau`` and the ``W`` best survive.
 
 ``mean_logprob`` is the mean log-probability of the sequence's tokens after the random first one (fluency);
-``sigma`` (:func:`expert_balance_sigma`) is the mean over MoE layers of the standard deviation, with the
-``E/(E-1)`` correction (``ddof=1``), of the layer's expert usage *fractions* ``count_e / sum(count)``.
+``cv`` (:func:`expert_usage_cv`) is the mean over MoE layers of the coefficient of variation
+``std(count, ddof=1) / mean(count)`` of the candidate's expert usage counts across the layer's E experts.
 
-Sign convention: a lower std means a flatter expert load, which is what EBSS wants (every expert sees
-calibration tokens), so sigma is *subtracted*; ``tau`` is a temperature: large ``tau`` = fluency only,
-small ``tau`` = balance dominates. Fractions rather than raw counts: for a fixed step the ranking is the same
-(``sigma_counts = t*k*sigma_fractions``), but with fractions sigma is on the per-token scale of
-``mean_logprob`` at every length, so one ``tau`` means the same thing at step 10 and step 500.
+Sign convention: a lower cv means a flatter expert load, which is what EBSS wants (every expert sees
+calibration tokens), so cv is *subtracted*; ``tau`` is a temperature: large ``tau`` = fluency only, small
+``tau`` = balance dominates.
+
+Why cv, and how it relates to MoEQuant's sigma: MoEQuant scores ``std`` of the usage *fractions*
+(:func:`expert_balance_sigma`). Since ``mean(count) = sum(count) / E``, ``cv = E * sigma`` exactly: the two
+rank candidates of one step identically, but at a fixed ``tau`` sigma's weight shrinks like ``1/E``: a load
+collapsed onto k of the E experts has ``sigma ~ 1/sqrt(E*k)`` but ``cv ~ sqrt(E/k)``, a balanced one 0 in both,
+so one sigma-``tau`` is a strong balance at E=8 and almost none at E=128. Like sigma, cv is on the per-token
+scale at every length; ``sigma/tau_old`` with E experts is ``cv/tau`` with ``tau = E*tau_old``.
+The default ``tau`` was chosen by measurement across expert counts 8-128 (``benchmarks/ebss_sweep.py``).
 
 Finished samples are checked for degeneration (:func:`degeneracy`): a zlib compression ratio of the text
 below ``min_compression`` ("repetitive"), or a tail of ``loop_window`` tokens that repeats with a period of at
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -38,9 +45,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moeq.calib.expert_tokens import format_token_stats, layer_token_stats
 from moeq.eval.routing import RouterTap
 
 logger = logging.getLogger(__name__)
+
+
+# Measured in benchmarks/results/ebss_sweep.md: the most fluent tau of the sweep that cuts the dataset's usage CV
+# to <= 0.8x the unguided beam samples at E = 8, 16, 32 and on the trained demo model (0 degenerate samples); at
+# E = 64-128 (skew-routed) it reaches 0.82-0.90x, and halving tau buys only ~0.03 more for -0.3 nats/token.
+DEFAULT_TAU = 0.25
+BALANCES = ("dataset", "sample")
 
 
 @dataclass(frozen=True)
@@ -52,7 +67,8 @@ class EBSSConfig:
     seqlen: int = 256
     beam: int = 4
     candidates: int | None = None
-    tau: float = 0.05
+    tau: float = DEFAULT_TAU
+    balance: str = "sample"
     temperature: float = 1.0
     batch: int = 8
     seed: int = 0
@@ -65,6 +81,8 @@ class EBSSConfig:
             raise ValueError("ebss needs nsamples >= 1, seqlen >= 2, beam >= 1, batch >= 1")
         if self.candidates is not None and self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {self.balance!r}")
         if self.tau <= 0 or self.temperature <= 0:
             raise ValueError(f"tau and temperature must be > 0 (got tau={self.tau}, temperature={self.temperature})")
 
@@ -80,6 +98,18 @@ def expert_balance_sigma(counts: torch.Tensor) -> torch.Tensor:
     c = counts.to(torch.float64)
     frac = c / c.sum(-1, keepdim=True).clamp_min(1.0)
     return frac.std(-1, correction=1).mean(-1)
+
+
+def expert_usage_cv(counts: torch.Tensor) -> torch.Tensor:
+    """Balance term of EBSS's score: coefficient of variation of expert usage, ``E *`` :func:`expert_balance_sigma`.
+
+    Args:
+        counts: expert usage counts ``[..., n_moe_layers, E]`` (any numeric dtype).
+    Returns float64 ``[...]``: the mean over layers of ``std(counts, ddof=1) / mean(counts)`` across the E
+    experts (0 = perfectly balanced; a layer with no tokens counts as balanced).
+    """
+    c = counts.to(torch.float64)
+    return (c.std(-1, correction=1) / c.mean(-1).clamp_min(1e-12)).mean(-1)
 
 
 def compression_ratio(text: str) -> float:
@@ -130,16 +160,45 @@ def _printable_first_tokens(tokenizer, vocab_size: int) -> torch.Tensor:
 
 @dataclass
 class EBSSResult:
-    """``samples``: dicts ``{"input_ids", "text", "mean_logprob", "sigma", "compression"}``; ``summary``: counts
-    (requested / accepted / generated / rejected by reason), the dataset's expert counts and sigma, settings."""
+    """``samples``: dicts ``{"input_ids", "text", "mean_logprob", "sigma", "cv", "compression"}``; ``summary``:
+    counts (requested / accepted / generated / rejected by reason), the dataset's expert counts, sigma and cv,
+    per-layer calibration tokens per expert (``expert_tokens``, :func:`moeq.calib.expert_tokens.layer_token_stats`),
+    settings."""
 
     samples: list[dict]
     summary: dict
 
 
+def _balance_term(cand: torch.Tensor, beams: torch.Tensor, prior: torch.Tensor | None, balance: str) -> torch.Tensor:
+    """The cv each candidate is penalized by, float64 ``[G, W*K]``.
+
+    Args:
+        cand: usage counts of every candidate continuation ``[G, W*K, layers, E]``.
+        beams: counts of the beams they grow from ``[G, W, layers, E]`` (beam 0 = each sample's best so far).
+        prior: counts of the samples accepted before this batch ``[layers, E]`` or None.
+        balance: ``"sample"``: cv of the candidate's own counts (MoEQuant's per-sequence balance);
+            ``"dataset"``: cv of the dataset the candidate would join (prior + the other samples' current best
+            beams + the candidate), times ``total / own`` tokens, which puts the candidate's marginal effect on
+            the dataset's cv back on the per-sample scale (the constant part is the same for every candidate
+            of a sample, so it does not change the ranking) and keeps one ``tau`` meaning the same at any
+            dataset size.
+    """
+    if balance == "sample":
+        return expert_usage_cv(cand)
+    best = beams[:, 0]
+    others = best.sum(0, keepdim=True) - best  # [G, layers, E]: the rest of the batch
+    if prior is not None:
+        others = others + prior.to(others.device)
+    total = cand + others[:, None]
+    scale = total.sum((-2, -1)).double() / cand.sum((-2, -1)).double().clamp_min(1.0)
+    return expert_usage_cv(total) * scale
+
+
 @torch.no_grad()
-def _search(model: nn.Module, tap: RouterTap, first: torch.Tensor, cfg: EBSSConfig, gen: torch.Generator) -> tuple:
-    """Beam search for ``G = len(first)`` samples at once.
+def _search(model: nn.Module, tap: RouterTap, first: torch.Tensor, cfg: EBSSConfig, gen: torch.Generator,
+            prior: torch.Tensor | None = None) -> tuple:
+    """Beam search for ``G = len(first)`` samples at once (``prior``: counts of the samples accepted so far,
+    ``[layers, E]``, for the ``dataset`` balance).
 
     Returns ``tokens [G, L]`` int64, ``mean_logprob [G]``, ``sigma [G]`` (float64) and ``counts [G, layers, E]``
     of the best-scoring beam of each sample.
@@ -167,8 +226,9 @@ def _search(model: nn.Module, tap: RouterTap, first: torch.Tensor, cfg: EBSSConf
         logits = model(input_ids=cand.reshape(-1, 1), past_key_values=cache, use_cache=True).logits[:, -1].float()
         new_counts = counts.repeat_interleave(K, dim=0) + tap.counts().to(dev)  # [G*W*K, layers, E]
         new_cum = (cum.reshape(-1, 1) + cand_lp).reshape(G, W * K)
-        sigma = expert_balance_sigma(new_counts).reshape(G, W * K)
-        cand_score = new_cum / step - sigma / cfg.tau  # -inf stays -inf for dead beams
+        cv = _balance_term(new_counts.reshape(G, W * K, *counts.shape[1:]), counts.reshape(G, W, *counts.shape[1:]),
+                           prior, cfg.balance)
+        cand_score = new_cum / step - cv / cfg.tau  # -inf stays -inf for dead beams; tau=inf: fluency only
         _, sel = torch.topk(cand_score, W, dim=-1)  # [G, W], sorted best first
         keep = (sel + torch.arange(G, device=dev)[:, None] * (W * K)).reshape(-1)  # rows of the W*K batch
         if step + 1 < cfg.seqlen:
@@ -204,7 +264,7 @@ def ebss_generate(model: nn.Module, tokenizer=None, config: EBSSConfig | None = 
         while len(samples) < cfg.nsamples and attempts < max_attempts:
             g = min(cfg.batch, max_attempts - attempts, cfg.nsamples - len(samples))
             first = firsts[torch.randint(0, firsts.numel(), (g,), generator=gen)]
-            toks, mlp, sig, cnt = _search(model, tap, first, cfg, gen)
+            toks, mlp, sig, cnt = _search(model, tap, first, cfg, gen, total_counts)
             attempts += g
             for j in range(g):
                 ids = toks[j].tolist()
@@ -216,7 +276,8 @@ def ebss_generate(model: nn.Module, tokenizer=None, config: EBSSConfig | None = 
                     continue
                 if len(samples) < cfg.nsamples:
                     samples.append({"input_ids": ids, "text": text, "mean_logprob": float(mlp[j]),
-                                    "sigma": float(sig[j]), "compression": round(compression_ratio(text), 4)})
+                                    "sigma": float(sig[j]), "cv": float(expert_usage_cv(cnt[j])),
+                                    "compression": round(compression_ratio(text), 4)})
                     total_counts = cnt[j] if total_counts is None else total_counts + cnt[j]
                     bar.update(1)
             bar.set_postfix(rejected=sum(rejected.values()))
@@ -228,12 +289,17 @@ def ebss_generate(model: nn.Module, tokenizer=None, config: EBSSConfig | None = 
         "method": "ebss", "requested": cfg.nsamples, "accepted": len(samples), "generated": attempts,
         "rejected": rejected, "rejected_total": sum(rejected.values()),
         "dataset_sigma": float(expert_balance_sigma(total_counts)) if total_counts is not None else None,
+        "dataset_cv": float(expert_usage_cv(total_counts)) if total_counts is not None else None,
         "expert_counts": total_counts.tolist() if total_counts is not None else None,
+        "expert_tokens": (layer_token_stats(total_counts, len(samples) * cfg.seqlen, tap.layers)
+                          if total_counts is not None else None),
         "mean_logprob": sum(s["mean_logprob"] for s in samples) / max(len(samples), 1),
         "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg),
     }
-    logger.info("ebss: %d samples accepted, %d generated, rejected %s; dataset sigma %s, mean log-prob %.4f",
-                len(samples), attempts, rejected, summary["dataset_sigma"], summary["mean_logprob"])
+    logger.info("ebss: %d samples accepted, %d generated, rejected %s; dataset cv %s, mean log-prob %.4f",
+                len(samples), attempts, rejected, summary["dataset_cv"], summary["mean_logprob"])
+    for st in summary["expert_tokens"] or []:
+        logger.info("ebss: layer %d %s", st["layer"], format_token_stats(st))
     return EBSSResult(samples, summary)
 
 
@@ -248,9 +314,20 @@ def write_jsonl(result: EBSSResult, path) -> Path:
     the JSONL is a sample any loader can read. Returns the sidecar's path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for s in result.samples:
-            f.write(json.dumps(s, ensure_ascii=False) + "\n")
     side = sidecar_path(path)
-    side.write_text(json.dumps(result.summary, indent=1) + "\n")
+    # each file is written beside its destination and renamed over it: an interrupt never leaves a truncated one
+    _replace_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in result.samples))
+    _replace_text(side, json.dumps(result.summary, indent=1) + "\n")
     return side
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.moeq-tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -11,7 +11,8 @@ from moeq.assets import demo_model_path
 from moeq.calib import ebss as ebss_mod
 from moeq.calib.data import load_jsonl, random_windows
 from moeq.calib.ebss import (EBSSConfig, compression_ratio, degeneracy, ebss_generate, expert_balance_sigma,
-                             sidecar_path, tail_period, write_jsonl)
+                             expert_usage_cv, sidecar_path, tail_period, write_jsonl)
+from moeq.calib.expert_tokens import layer_token_stats
 from moeq.calib.stdlib import stdlib_text
 from moeq.cli import main
 from moeq.eval.routing import RouterTap, expert_counts
@@ -28,7 +29,8 @@ def _one_thread(one_thread):
 @pytest.fixture(scope="module")
 def generated(demo):
     model, tok = demo
-    return ebss_generate(model, tok, EBSSConfig(nsamples=N, seqlen=L, beam=3, candidates=3, tau=0.05, batch=N, seed=0),
+    # tau 0.4 on cv = MoEQuant's sigma at tau 0.05 on this E=8 model (cv = 8 sigma): the former default setting
+    return ebss_generate(model, tok, EBSSConfig(nsamples=N, seqlen=L, beam=3, candidates=3, tau=0.4, batch=N, seed=0),
                          progress=False)
 
 
@@ -40,6 +42,23 @@ def test_sigma_matches_numpy_with_ddof_correction():
     assert float(expert_balance_sigma(torch.full((4, 8), 7))) == 0.0  # perfectly balanced
     collapsed = torch.tensor([[10, 10, 0, 0, 0, 0, 0, 0]])  # top-2 always on the same two experts
     assert float(expert_balance_sigma(collapsed)) == pytest.approx(np.std([0.5, 0.5, 0, 0, 0, 0, 0, 0], ddof=1))
+
+
+def test_cv_is_e_times_sigma_and_free_of_scale():
+    counts = torch.randint(1, 50, (3, 5, 4, 16))
+    c = counts.numpy().astype(np.float64)
+    want = (np.std(c, axis=-1, ddof=1) / c.mean(-1)).mean(-1)
+    np.testing.assert_allclose(expert_usage_cv(counts).numpy(), want, rtol=1e-12)
+    np.testing.assert_allclose(expert_usage_cv(counts).numpy(), 16 * expert_balance_sigma(counts).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(expert_usage_cv(7 * counts).numpy(), expert_usage_cv(counts).numpy(), rtol=1e-12)
+    # a load collapsed onto k of E experts: sigma shrinks with E, cv grows like sqrt(E/k)
+    for E, k in ((8, 2), (64, 8), (256, 8)):
+        collapsed = torch.zeros(1, E)
+        collapsed[0, :k] = 10
+        frac = np.r_[np.full(k, 1 / k), np.zeros(E - k)]
+        assert float(expert_usage_cv(collapsed)) == pytest.approx(np.std(frac, ddof=1) * E)
+        assert float(expert_usage_cv(collapsed)) == pytest.approx(np.sqrt((E / k - 1) * E / (E - 1)))
+    assert float(expert_usage_cv(torch.zeros(2, 8))) == 0.0  # no tokens counts as balanced
 
 
 def test_planted_degenerate_sequences_are_rejected():
@@ -75,6 +94,18 @@ def test_search_bookkeeping_matches_a_plain_forward(demo, generated):
     assert generated.summary["mean_logprob"] > -1.3
 
 
+def test_summary_reports_tokens_per_expert(generated):
+    s = generated.summary
+    counts = torch.tensor(s["expert_counts"])
+    assert s["dataset_cv"] == pytest.approx(float(expert_usage_cv(counts)), rel=1e-12)
+    stats = s["expert_tokens"]
+    assert stats == layer_token_stats(counts, N * L, [st["layer"] for st in stats])
+    for st, row in zip(stats, counts.tolist()):
+        assert st["min"] == min(row) and st["median"] == float(np.median(row))
+        assert st["under_threshold"] == sum(n < 0.005 * N * L for n in row)
+    assert all(s_["cv"] == pytest.approx(8 * s_["sigma"], rel=1e-9) for s_ in generated.samples)
+
+
 def test_ebss_is_more_balanced_than_plain_text(demo, generated):
     model, tok = demo
     train = torch.tensor(tok(stdlib_text("train", max_bytes=200_000))["input_ids"])
@@ -88,8 +119,8 @@ def test_rejected_samples_are_counted_and_replaced(demo, monkeypatch):
     real = ebss_mod._search
     planted = torch.tensor(list(("ab" * L).encode()))[:L]
 
-    def search_with_a_loop(model, tap, first, cfg, gen):
-        toks, mlp, sig, cnt = real(model, tap, first, cfg, gen)
+    def search_with_a_loop(model, tap, first, cfg, gen, *rest):
+        toks, mlp, sig, cnt = real(model, tap, first, cfg, gen, *rest)
         if toks.shape[0] > 1:
             toks[0] = planted[: toks.shape[1]]  # the first sample of every group of two is degenerate
         return toks, mlp, sig, cnt
@@ -134,3 +165,55 @@ def test_cli_calibrate_then_quantize_with_jsonl(tmp_path, capsys):
     assert qc["calibration"]["_samples"] == {"nsamples": 3, "seqlen": 32, "tokens": 72, "source": str(out)}
     assert main(["calibrate", "--model", str(demo_model_path()), "--out", str(tmp_path / "x.txt")]) == 2
     assert "must be a .jsonl" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def _skew_routed(family, **overrides):
+    """Tiny random model with skewed routing: router row e scaled by exp(g_e), as in benchmarks/ebss_sweep.py."""
+    from moeq.models import adapter_for
+    from moeq.testing import tiny_model
+
+    model = tiny_model(family, **overrides)
+    ad = adapter_for(model)
+    gen = torch.Generator().manual_seed(1000)
+    for _, block in ad.moe_layers(model):
+        w = ad.router(block).weight
+        w.mul_(torch.exp(torch.randn(w.shape[0], generator=gen, dtype=torch.float64)).to(w.dtype)[:, None])
+    model.lm_head.weight.mul_(16.0)
+    return model
+
+
+def test_default_tau_balances_at_64_experts():
+    """The cv term at the default tau balances a 64-expert model; MoEQuant's sigma at its tau 0.05 (= cv at
+    tau 0.05*64) barely moves it, which is the 1/E weakness the cv term removes."""
+    from moeq.testing import tiny_tokenizer
+
+    model, tok = _skew_routed("olmoe", num_experts=64, num_experts_per_tok=8), tiny_tokenizer()
+
+    def cv(tau):
+        cfg = EBSSConfig(nsamples=8, seqlen=48, beam=3, candidates=3, tau=tau, batch=8, seed=0)
+        return ebss_generate(model, tok, cfg, progress=False).summary["dataset_cv"]
+
+    unguided, default, sigma_equiv = cv(float("inf")), cv(EBSSConfig().tau), cv(0.05 * 64)
+    assert default < 0.95 * unguided, (default, unguided)
+    assert default < sigma_equiv - 0.03, (default, sigma_equiv)
+
+
+def test_dataset_balance_scores_the_candidate_joined_to_the_rest():
+    g = torch.Generator().manual_seed(0)
+    cand = torch.randint(0, 9, (3, 4, 2, 8), generator=g)  # [G, W*K, layers, E]
+    beams = torch.randint(0, 9, (3, 2, 2, 8), generator=g)  # [G, W, layers, E]
+    prior = torch.randint(0, 30, (2, 8), generator=g)
+    got = ebss_mod._balance_term(cand, beams, prior, "dataset")
+    for i in range(3):
+        others = prior + sum(beams[j, 0] for j in range(3) if j != i)
+        for c in range(4):
+            total = cand[i, c] + others
+            want = float(expert_usage_cv(total)) * float(total.sum()) / float(cand[i, c].sum())
+            assert float(got[i, c]) == pytest.approx(want, rel=1e-12)
+    # one sample and nothing accepted before it: the dataset is the sample
+    one = ebss_mod._balance_term(cand[:1], beams[:1], None, "dataset")
+    torch.testing.assert_close(one, expert_usage_cv(cand[:1]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(ebss_mod._balance_term(cand, beams, prior, "sample"), expert_usage_cv(cand))
+    with pytest.raises(ValueError, match="balance must be one of"):
+        EBSSConfig(balance="global").validate()
