@@ -48,7 +48,7 @@ def random_quantized_model(config: PretrainedConfig, spec: WeightSpec = WeightSp
         config: a transformers config of a family moeq supports (``moeq.models``).
         spec: packing of both expert projections (default INT4, group 128, symmetric).
         dtype: dtype of the non-expert weights and activations; scales are ``dtype`` when 16-bit, else bf16.
-        backend: kernel backend of the quantized experts (``auto`` = cuda > triton > reference).
+        backend: kernel backend of the quantized experts (``auto``: the measured dispatch table, ``moeq_kernels.dispatch``).
         online_hadamard: whether the experts apply the online Hadamard to the down-projection input.
     Returns:
         The model; no parameter or buffer is left on meta, and no dense expert weight was ever allocated.

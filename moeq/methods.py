@@ -17,7 +17,7 @@ from moeq.quantizers.gptq import unstack_packed
 from moeq.quantize_linear import linear_targets, quantize_linear_rtn, set_module
 from moeq.quantizers import register_method
 from moeq.quantizers.report import ModuleReport, QuantReport, rel_error
-from moeq.quantizers.rtn import rtn_quantize
+from moeq.quantizers.rtn import rtn_quantize, rtn_quantize_with_error
 
 logger = logging.getLogger("moeq.quantize")
 
@@ -30,15 +30,15 @@ def quantize_experts_rtn(name: str, experts: nn.Module, config: QuantConfig, rep
     for proj, w in (("gate_up", experts.gate_up_proj.detach()), ("down", experts.down_proj.detach())):
         t0 = time.perf_counter()
         specs = [config.spec_for(name, proj, e) for e in range(w.shape[0])]
+        args = (scale_dtype, config.w_clip, config.clip_grid, config.clip_max_shrink, config.clip_norm)
         if config.is_mixed(name):
-            parts[proj] = [rtn_quantize(w[e], s, scale_dtype, config.w_clip, config.clip_grid, config.clip_max_shrink,
-                                        config.clip_norm) for e, s in enumerate(specs)]
-        else:
-            p = rtn_quantize(w, specs[0], scale_dtype, config.w_clip, config.clip_grid, config.clip_max_shrink, config.clip_norm)
+            parts[proj] = [rtn_quantize(w[e], s, *args) for e, s in enumerate(specs)]
+            rel = rel_error(w, torch.cat([p.dequantize(torch.float32) for p in parts[proj]]))
+        else:  # the error comes with the quantization: no unpack of the whole stack for the report
+            p, rel = rtn_quantize_with_error(w, specs[0], *args)
             parts[proj] = unstack_packed(p)
-        deq = torch.cat([p.dequantize(torch.float32) for p in parts[proj]])
         report.add(ModuleReport(f"{name}.{proj}", tuple(w.shape), specs[0].bits, parts[proj][0].group_size,
-                                rel_error(w, deq), time.perf_counter() - t0))
+                                rel, time.perf_counter() - t0))
     return build_experts(parts["gate_up"], parts["down"], config.online_hadamard, config.backend)
 
 

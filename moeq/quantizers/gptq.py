@@ -50,9 +50,104 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _params(w: torch.Tensor, spec: WeightSpec, scale_dtype, p: GPTQParams):
-    """Scales/zeros of one group of columns ``w [N, g]`` -> ``[N]``, ``[N]`` or None."""
-    s, z = group_params(w.unsqueeze(1), spec, scale_dtype, p.w_clip, p.clip_grid, p.clip_max_shrink, p.clip_norm)
-    return s[:, 0], None if z is None else z[:, 0]
+    """Scales/zeros of one group of columns ``w [..., N, g]`` -> ``[..., N]``, ``[..., N]`` or None."""
+    s, z = group_params(w.unsqueeze(-2), spec, scale_dtype, p.w_clip, p.clip_grid, p.clip_max_shrink, p.clip_norm)
+    return s[..., 0], None if z is None else z[..., 0]
+
+
+def _prepare(w: torch.Tensor, h: torch.Tensor, spec: WeightSpec, scale_dtype, p: GPTQParams):
+    """One expert's float32 weights ``[N, K]``, inverse-Cholesky factor ``[K, K]`` and column order.
+
+    Dead inputs get ``H[i, i] = 1``; with ``act_order`` the columns (and ``H``) are permuted by decreasing
+    ``diag(H)`` and the static group parameters ``[N, G]`` are computed here from the original weights.
+    Returns ``(W, hinv, perm or None, scales or None, zeros or None)``.
+    """
+    k = w.shape[1]
+    g = k if spec.group_size == -1 else spec.group_size
+    W = w.to(torch.float32).clone()
+    H = h.to(torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    if not p.act_order:
+        return W, _inverse_cholesky(H, p.damp), None, None, None
+    perm = torch.argsort(torch.diag(H), descending=True)
+    parts = [_params(W[:, gi * g : (gi + 1) * g], spec, scale_dtype, p) for gi in range(k // g)]
+    scales = torch.stack([s for s, _ in parts], 1)
+    zeros = None if spec.sym else torch.stack([z for _, z in parts], 1)
+    W, H = W[:, perm], H[perm][:, perm]
+    return W, _inverse_cholesky(H, p.damp), perm, scales, zeros
+
+
+def _column_loop(W: torch.Tensor, hinvs: list[torch.Tensor], perm, scales, zeros, codes, spec, scale_dtype,
+                 p: GPTQParams) -> None:
+    """GPTQ's column loop over ``E`` experts at once, in place: ``W [E, N, K]`` float32 (updated), ``hinvs``
+    E upper factors ``[K, K]``, ``scales [E, N, G]`` / ``zeros`` / ``codes [E, N, K]`` uint8 (filled).
+
+    Every per-column step is elementwise over ``[E, N]`` (bit-identical to one expert at a time); the lazy
+    block update ``err @ hinv`` is a matmul and runs per expert on freshly allocated operands, so its fp32
+    summation order is that of the single-matrix loop. ``perm`` (act-order, E = 1 only) is the column order.
+    """
+    e_, n, k = W.shape
+    g = k if spec.group_size == -1 else spec.group_size
+    maxq = (1 << spec.bits) - 1
+    z_sym = float(1 << (spec.bits - 1))
+    for i1 in range(0, k, p.block_size):
+        i2 = min(i1 + p.block_size, k)
+        W1 = W[:, :, i1:i2].clone()
+        err = torch.zeros_like(W1)
+        hinv1 = torch.stack([h[i1:i2, i1:i2] for h in hinvs])  # [E, B, B]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i]) if perm is not None else i1 + i
+            if perm is None and col % g == 0:
+                cols = torch.cat([W1[:, :, i:], W[:, :, i2:]], dim=2)[:, :, :g]
+                s, z = _params(cols, spec, scale_dtype, p)
+                scales[:, :, col // g] = s
+                if zeros is not None:
+                    zeros[:, :, col // g] = z
+            sf = scales[:, :, col // g].to(torch.float32)
+            zf = zeros[:, :, col // g].to(torch.float32) if zeros is not None else z_sym
+            q = (torch.round(W1[:, :, i] / sf) + zf).clamp_(0, maxq)
+            codes[:, :, col] = q.to(torch.uint8)
+            e = (W1[:, :, i] - (q - zf) * sf) / hinv1[:, i, i].unsqueeze(1)
+            W1[:, :, i:] -= e.unsqueeze(2) * hinv1[:, i, i:].unsqueeze(1)
+            err[:, :, i] = e
+        if i2 < k:
+            for ei, h in enumerate(hinvs):
+                W[ei, :, i2:] -= err[ei].clone() @ h[i1:i2, i2:]
+
+
+def gptq_quantize_stack(w: torch.Tensor, hs: list[torch.Tensor], spec: WeightSpec, scale_dtype: torch.dtype,
+                        p: GPTQParams = GPTQParams()) -> tuple[PackedWeight, list[float]]:
+    """GPTQ of an expert stack ``w [E, N, K]`` with one input Hessian ``[K, K]`` per expert (``hs``, E of them).
+
+    The experts share one column loop (see :func:`_column_loop`); with ``act_order`` each expert has its own
+    column order and runs alone. Results are bit-identical to :func:`gptq_quantize` per expert. Returns the
+    packed ``[E, N, K]`` stack and each expert's Hessian-weighted error ``tr((W - Q) H (W - Q)^T)``.
+    """
+    e_, n, k = w.shape
+    if len(hs) != e_:
+        raise ValueError(f"{len(hs)} Hessians for {e_} experts")
+    ngroups = check_pack_dims(k, spec.bits, spec.group_size)
+    g = k if spec.group_size == -1 else spec.group_size
+    prepared = [_prepare(w[ei], hs[ei], spec, scale_dtype, p) for ei in range(e_)]
+    codes = torch.empty(e_, n, k, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(e_, n, ngroups, dtype=scale_dtype, device=w.device)
+    zeros = None if spec.sym else torch.empty(e_, n, ngroups, dtype=torch.uint8, device=w.device)
+    if p.act_order:
+        for ei, (W, hinv, perm, s, z) in enumerate(prepared):
+            scales[ei], codes_e = s, codes[ei : ei + 1]
+            if zeros is not None:
+                zeros[ei] = z
+            _column_loop(W.unsqueeze(0), [hinv], perm, scales[ei : ei + 1],
+                         None if zeros is None else zeros[ei : ei + 1], codes_e, spec, scale_dtype, p)
+    else:
+        W = torch.stack([x[0] for x in prepared])
+        _column_loop(W, [x[1] for x in prepared], None, scales, zeros, codes, spec, scale_dtype, p)
+    packed = PackedWeight(pack(codes, spec.bits), scales, zeros, spec.bits, g)
+    delta = packed.dequantize(torch.float32) - w.to(torch.float32)
+    errs = [float(torch.einsum("nk,kl,nl->", delta[ei].clone(), hs[ei].to(torch.float32), delta[ei].clone()))
+            for ei in range(e_)]
+    return packed, errs
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: WeightSpec, scale_dtype: torch.dtype,
@@ -62,53 +157,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: WeightSpec, scale_dtyp
     Returns the packed weight (E = 1) and the Hessian-weighted error ``tr((W - Q) H (W - Q)^T)``, i.e.
     ``||X W^T - X Q^T||_F^2`` for ``H = X^T X`` (computed with the undamped ``H``).
     """
-    n, k = w.shape
-    g = k if spec.group_size == -1 else spec.group_size
-    ngroups = check_pack_dims(k, spec.bits, spec.group_size)
-    maxq = (1 << spec.bits) - 1
-    w_orig = w.to(torch.float32)
-    W = w_orig.clone()
-    H = h.to(torch.float32).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    perm = torch.argsort(torch.diag(H), descending=True) if p.act_order else None
-    scales = torch.empty(n, ngroups, dtype=scale_dtype, device=w.device)
-    zeros = None if spec.sym else torch.empty(n, ngroups, dtype=torch.uint8, device=w.device)
-    if p.act_order:  # static groups from the original weights, so one scale per (row, group) survives permuting
-        for gi in range(ngroups):
-            s, z = _params(W[:, gi * g : (gi + 1) * g], spec, scale_dtype, p)
-            scales[:, gi] = s
-            if zeros is not None:
-                zeros[:, gi] = z
-        W, H = W[:, perm], H[perm][:, perm]
-    hinv = _inverse_cholesky(H, p.damp)
-    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    for i1 in range(0, k, p.block_size):
-        i2 = min(i1 + p.block_size, k)
-        W1 = W[:, i1:i2].clone()
-        err = torch.zeros_like(W1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i]) if p.act_order else i1 + i
-            if not p.act_order and col % g == 0:
-                cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                s, z = _params(cols, spec, scale_dtype, p)
-                scales[:, col // g] = s
-                if zeros is not None:
-                    zeros[:, col // g] = z
-            sf = scales[:, col // g].to(torch.float32)
-            zf = zeros[:, col // g].to(torch.float32) if zeros is not None else float(1 << (spec.bits - 1))
-            q = (torch.round(W1[:, i] / sf) + zf).clamp_(0, maxq)
-            codes[:, col] = q.to(torch.uint8)
-            e = (W1[:, i] - (q - zf) * sf) / hinv1[i, i]
-            W1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err[:, i] = e
-        W[:, i2:] -= err @ hinv[i1:i2, i2:]
-    packed = PackedWeight(pack(codes.unsqueeze(0), spec.bits), scales.unsqueeze(0),
-                          None if zeros is None else zeros.unsqueeze(0), spec.bits, g)
-    delta = packed.dequantize(torch.float32)[0] - w_orig
-    h_orig = h.to(torch.float32)
-    return packed, float(torch.einsum("nk,kl,nl->", delta, h_orig, delta))
+    packed, errs = gptq_quantize_stack(w.unsqueeze(0), [h], spec, scale_dtype, p)
+    return packed, errs[0]
 
 
 def stack_packed(parts: list[PackedWeight]) -> PackedWeight:

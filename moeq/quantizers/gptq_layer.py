@@ -16,7 +16,7 @@ from moeq.nn.experts import QuantizedExperts
 from moeq.nn.linear import QuantizedLinear
 from moeq.quantize_linear import linear_targets, set_module
 from moeq.nn.mixed import MixedQuantizedExperts, build_experts
-from moeq.quantizers.gptq import GPTQParams, gptq_quantize
+from moeq.quantizers.gptq import GPTQParams, gptq_quantize, gptq_quantize_stack, unstack_packed
 from moeq.quantizers.report import ModuleReport, rel_error
 from moeq.quantizers.rtn import rtn_quantize
 
@@ -128,20 +128,34 @@ class LayerQuantizer:
         return frac * own + (1 - frac) * base, "blend"
 
     def _quantize_stack(self, proj: str, w: torch.Tensor, hess, all_hess, fallback_all) -> list:
-        """Per-expert packed weights (``[1, N, ...]`` each) of one projection of the routed experts."""
+        """Per-expert packed weights (``[1, N, ...]`` each) of one projection of the routed experts.
+
+        Experts on GPTQ are batched (one column loop per weight spec, :func:`gptq_quantize_stack`); the
+        results equal one expert at a time bit for bit. Few-token experts on the RTN fallback are rounded alone.
+        """
         scale_dtype = self.config.resolve_scale_dtype(w.dtype)
         t0 = time.perf_counter()
-        parts, werr = [], 0.0
+        parts: list = [None] * w.shape[0]
+        errs: dict[int, float] = {}
+        batches: dict = {}  # spec -> [(expert, hessian, how)]
         for e in range(w.shape[0]):
             spec = self.config.spec_for(self.name, proj, e)
             h, how = self._expert_hessian(e, hess, all_hess, fallback_all)
             if h is None:
-                parts.append(rtn_quantize(w[e], spec, scale_dtype, self.config.w_clip, self.config.clip_grid,
-                                          self.config.clip_max_shrink, self.config.clip_norm))
-                continue
-            packed, err = gptq_quantize(w[e], h, spec, scale_dtype, self.params)
-            parts.append(packed)
-            werr += err if how == "routed" else 0.0
+                parts[e] = rtn_quantize(w[e], spec, scale_dtype, self.config.w_clip, self.config.clip_grid,
+                                        self.config.clip_max_shrink, self.config.clip_norm)
+            else:
+                batches.setdefault(spec, []).append((e, h, how))
+        for spec, items in batches.items():
+            idx = [e for e, _, _ in items]
+            packed, stack_errs = gptq_quantize_stack(w[idx], [h for _, h, _ in items], spec, scale_dtype, self.params)
+            for j, ((e, _, how), part) in enumerate(zip(items, unstack_packed(packed))):
+                parts[e] = part
+                if how == "routed":
+                    errs[e] = stack_errs[j]
+        werr = 0.0
+        for e in sorted(errs):  # summed in expert order, as one expert at a time did
+            werr += errs[e]
         deq = torch.cat([p.dequantize(torch.float32) for p in parts])
         self.report.add(ModuleReport(f"{self.name}.{proj}", tuple(w.shape), parts[0].bits, parts[0].group_size,
                                      rel_error(w, deq), time.perf_counter() - t0, sum(self.tokens), werr))

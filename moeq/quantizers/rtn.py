@@ -6,6 +6,8 @@ columns, with the clip search) and :func:`fake_quantize`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from moeq.config import WeightSpec
@@ -25,7 +27,7 @@ def _minmax_params(
     maxq = (1 << bits) - 1
     tiny = torch.finfo(scale_dtype).tiny
     if sym:
-        amax = w.abs().amax(-1) * p
+        amax = w.abs().amax(-1) * p  # p: float, or [C, 1, 1] ratios against [1, R, G]
         s = (2 * amax / maxq).clamp_min(tiny).to(scale_dtype)
         return s, None
     lo = w.amin(-1).clamp(max=0) * p
@@ -44,6 +46,16 @@ def _group_error(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits:
     return ((q - zf) * sf - w).abs_().pow_(norm).sum(-1)
 
 
+def clip_ratios(grid: int, max_shrink: float) -> torch.Tensor:
+    """The clip search's shrink ratios ``[C]`` float32: ``1`` then ``1 - i / grid`` for ``1 <= i < max_shrink * grid``.
+
+    Each ratio is rounded from float64 to float32 once, exactly as a Python float multiplying a float32
+    tensor is, so the candidates equal those of a one-ratio-at-a-time loop bit for bit.
+    """
+    ratios = [1.0] + [1.0 - i / grid for i in range(1, int(max_shrink * grid))]
+    return torch.tensor(ratios, dtype=torch.float64).to(torch.float32)
+
+
 def group_params(
     w: torch.Tensor,
     spec: WeightSpec,
@@ -52,25 +64,43 @@ def group_params(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
+    max_elems: int = 1 << 23,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-group quantization parameters of ``w [..., G, g]`` (float32 groups in the last dim).
 
-    With ``w_clip`` every group independently takes the shrink ratio ``p`` from the grid that minimizes
-    ``sum |q(w) - w| ** norm``. Returns ``scales [..., G]`` (``scale_dtype``), ``zeros [..., G]`` uint8 or None.
+    With ``w_clip`` every group independently takes the shrink ratio ``p`` of :func:`clip_ratios` that
+    minimizes ``sum |q(w) - w| ** norm`` (the first such ratio on ties). All ratios are evaluated at once,
+    ``[C, rows, G, g]``, on chunks of rows sized so one temporary holds about ``max_elems`` floats.
+    Returns ``scales [..., G]`` (``scale_dtype``), ``zeros [..., G]`` uint8 or None.
     """
-    best_s, best_z = _minmax_params(w, 1.0, spec.bits, spec.sym, scale_dtype)
     if not w_clip:
-        return best_s, best_z
-    best_err = _group_error(w, best_s, best_z, spec.bits, norm)
-    for i in range(1, int(max_shrink * grid)):
-        s, z = _minmax_params(w, 1.0 - i / grid, spec.bits, spec.sym, scale_dtype)
-        err = _group_error(w, s, z, spec.bits, norm)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-        if z is not None:
-            best_z = torch.where(better, z, best_z)
-    return best_s, best_z
+        return _minmax_params(w, 1.0, spec.bits, spec.sym, scale_dtype)
+    lead, (ng, g) = w.shape[:-2], w.shape[-2:]
+    rows = w.reshape(-1, ng, g)
+    p = clip_ratios(grid, max_shrink).to(w.device)
+    scales = torch.empty(rows.shape[:2], dtype=scale_dtype, device=w.device)
+    zeros = None if spec.sym else torch.empty(rows.shape[:2], dtype=torch.uint8, device=w.device)
+    step = max(1, max_elems // max(1, p.numel() * ng * g))
+    for r0 in range(0, rows.shape[0], step):
+        s, z = _best_params(rows[r0 : r0 + step], p, spec, scale_dtype, norm)
+        scales[r0 : r0 + step] = s
+        if zeros is not None:
+            zeros[r0 : r0 + step] = z
+    return scales.view(*lead, ng), None if zeros is None else zeros.view(*lead, ng)
+
+
+def _best_params(w: torch.Tensor, p: torch.Tensor, spec: WeightSpec, scale_dtype: torch.dtype, norm: float):
+    """Clip search of groups ``w [R, G, g]`` over ratios ``p [C]``: the ``[R, G]`` scales/zeros of the best ratio.
+
+    Same elementwise operations, in the same order, as evaluating one ratio at a time (so each candidate's
+    error is bit-identical), then ``argmin`` over the ratio dim, which returns the first minimum as the
+    sequential strict-``<`` update did.
+    """
+    pc = p.view(-1, 1, 1)
+    s, z = _minmax_params(w.unsqueeze(0), pc, spec.bits, spec.sym, scale_dtype)  # [C, R, G]
+    err = _group_error(w.unsqueeze(0), s, z, spec.bits, norm)
+    best = err.argmin(0, keepdim=True)
+    return s.gather(0, best)[0], None if z is None else z.gather(0, best)[0]
 
 
 def rtn_quantize(
@@ -85,8 +115,25 @@ def rtn_quantize(
 ) -> PackedWeight:
     """Quantize a weight stack ``w [E, N, K]`` (or ``[N, K]``, treated as E = 1) to the packed format.
 
-    Rows are processed ``chunk_rows`` at a time so the clip search's temporaries stay bounded
-    (``chunk_rows * K`` floats per candidate) on multi-GB expert stacks.
+    Rows are processed ``chunk_rows`` at a time so the clip search's temporaries stay bounded.
+    """
+    return rtn_quantize_with_error(w, spec, scale_dtype, w_clip, grid, max_shrink, norm, chunk_rows)[0]
+
+
+def rtn_quantize_with_error(
+    w: torch.Tensor,
+    spec: WeightSpec,
+    scale_dtype: torch.dtype,
+    w_clip: bool = True,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
+    chunk_rows: int = 4096,
+) -> tuple[PackedWeight, float]:
+    """:func:`rtn_quantize` plus its relative error ``||W - Q||_F / ||W||_F``.
+
+    The error comes from each chunk's codes and parameters while they are at hand (``(q - z) * s`` in
+    float32, the format's dequantization), so a report never unpacks the whole stack again.
     """
     w3 = w.unsqueeze(0) if w.dim() == 2 else w
     e, n, k = w3.shape
@@ -96,17 +143,24 @@ def rtn_quantize(
     scales = torch.empty(e * n, ngroups, dtype=scale_dtype, device=w.device)
     zeros = None if spec.sym else torch.empty(e * n, ngroups, dtype=torch.uint8, device=w.device)
     codes = torch.empty(e * n, k, dtype=torch.uint8, device=w.device)
+    err_sq, w_sq = 0.0, 0.0
     for r0 in range(0, e * n, chunk_rows):
         chunk = rows[r0 : r0 + chunk_rows].to(torch.float32)
         s, z = group_params(chunk.view(-1, ngroups, g), spec, scale_dtype, w_clip, grid, max_shrink, norm)
         scales[r0 : r0 + chunk_rows] = s
         if zeros is not None:
             zeros[r0 : r0 + chunk_rows] = z
-        codes[r0 : r0 + chunk_rows] = quantize_with_params(chunk.unsqueeze(0), s.unsqueeze(0), None if z is None else z.unsqueeze(0), spec.bits)[0]
-    return PackedWeight(
+        q = quantize_with_params(chunk.unsqueeze(0), s.unsqueeze(0), None if z is None else z.unsqueeze(0), spec.bits)[0]
+        codes[r0 : r0 + chunk_rows] = q
+        zf = z.to(torch.float32).unsqueeze(-1) if z is not None else float(1 << (spec.bits - 1))
+        deq = (q.view(-1, ngroups, g).to(torch.float32) - zf) * s.to(torch.float32).unsqueeze(-1)
+        err_sq += float((deq.view_as(chunk) - chunk).double().pow(2).sum())
+        w_sq += float(chunk.double().pow(2).sum())
+    packed = PackedWeight(
         qweight=pack(codes.view(e, n, k), spec.bits),
         scales=scales.view(e, n, ngroups),
         qzeros=None if zeros is None else zeros.view(e, n, ngroups),
         bits=spec.bits,
         group_size=g,
     )
+    return packed, math.sqrt(err_sq) / max(math.sqrt(w_sq), 1e-30)

@@ -178,3 +178,21 @@ def test_router_8bit_option_rounds_router_only():
     s = before.abs().amax(-1, keepdim=True) / 127
     assert not torch.equal(before, after) and ((after - before).abs() <= s / 2 + 1e-7).all()
     assert torch.allclose(after / s, torch.round(after / s), atol=1e-3)
+
+
+@pytest.mark.parametrize("spec,act_order", [(WeightSpec(3, 32, True), False), (WeightSpec(4, 32, False), True)])
+def test_batched_experts_bit_identical_to_one_at_a_time(spec, act_order, one_thread):
+    from moeq.quantizers.gptq import gptq_quantize_stack
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 24, 96, generator=g)
+    xs = [torch.randn(200, 96, generator=g) * torch.rand(96, generator=g) for _ in range(3)]
+    hs = [x.T @ x for x in xs]
+    p = GPTQParams(block_size=40, act_order=act_order)  # blocks that straddle groups
+    stacked, errs = gptq_quantize_stack(w, hs, spec, torch.float16, p)
+    for e in range(3):
+        one, err = gptq_quantize(w[e], hs[e], spec, torch.float16, p)
+        assert torch.equal(stacked.qweight[e], one.qweight[0])
+        assert torch.equal(stacked.scales[e].view(torch.int16), one.scales[0].view(torch.int16))
+        assert (one.qzeros is None) or torch.equal(stacked.qzeros[e], one.qzeros[0])
+        assert errs[e] == pytest.approx(err, rel=1e-6)

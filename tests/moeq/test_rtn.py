@@ -67,3 +67,34 @@ def test_chunking_does_not_change_results():
     a = rtn_quantize(w, WeightSpec(4, 32, False), torch.bfloat16, chunk_rows=7)
     b = rtn_quantize(w, WeightSpec(4, 32, False), torch.bfloat16, chunk_rows=4096)
     assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales) and torch.equal(a.qzeros, b.qzeros)
+
+
+@pytest.mark.parametrize("bits,sym", [(3, True), (4, False), (2, True), (8, False)])
+def test_vectorized_clip_search_matches_one_ratio_at_a_time(bits, sym):
+    # the oracle: evaluate the ratios one by one, keep a candidate only when strictly better (first minimum wins)
+    from moeq.quantizers.rtn import _group_error, _minmax_params, clip_ratios, group_params
+
+    w = torch.randn(40, 3, 32, generator=torch.Generator().manual_seed(bits)) * torch.linspace(0.1, 2, 40)[:, None, None]
+    spec = WeightSpec(bits, 32, sym)
+    best_s, best_z = _minmax_params(w, 1.0, bits, sym, torch.float16)
+    best_err = _group_error(w, best_s, best_z, bits, 2.4)
+    for i in range(1, 80):
+        s, z = _minmax_params(w, 1.0 - i / 100, bits, sym, torch.float16)
+        err = _group_error(w, s, z, bits, 2.4)
+        better = err < best_err
+        best_err, best_s = torch.where(better, err, best_err), torch.where(better, s, best_s)
+        best_z = None if z is None else torch.where(better, z, best_z)
+    s, z = group_params(w, spec, torch.float16, max_elems=5000)  # several row chunks
+    assert clip_ratios(100, 0.8).numel() == 80
+    assert torch.equal(s.view(torch.int16), best_s.view(torch.int16))
+    assert (z is None and best_z is None) or torch.equal(z, best_z)
+
+
+def test_reported_rtn_error_matches_dequantized_weights():
+    from moeq.quantizers.report import rel_error
+    from moeq.quantizers.rtn import rtn_quantize_with_error
+
+    w = torch.randn(3, 16, 128, generator=torch.Generator().manual_seed(0))
+    p, rel = rtn_quantize_with_error(w, WeightSpec(3, 64, False), torch.bfloat16, chunk_rows=7)
+    assert rel == pytest.approx(rel_error(w, p.dequantize(torch.float32)), rel=1e-5)
+    assert rel > 0.01
