@@ -21,7 +21,6 @@ import datetime
 import hashlib
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import moeq  # noqa: E402
+from benchmarks.bench_common import git_commit  # noqa: E402
 import moeq.quantizers.gptq_layer as gptq_layer  # noqa: E402
 from moeq.calib.capture import CalibExperts  # noqa: E402
 from moeq.calib.ebss import EBSSConfig, ebss_generate  # noqa: E402
@@ -93,13 +93,6 @@ def quantize_once(fp, method: str, bits: int, scope: str, calib) -> dict:
             "digest": packed_digest(model)}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def markdown(res: dict) -> str:
     m = res["meta"]
@@ -158,7 +151,7 @@ def main(argv=None) -> int:
     ebss = {"seconds": time.perf_counter() - t0, "beam": cfg.beam, "tau": cfg.tau}
     gptq_ref = next(r["seconds"] for r in table if r["method"] == "gptq" and r["scope"] == "experts" and r["bits"] == 4)
     res = {"runs": runs, "table": table, "ebss": ebss, "gptq_ref": gptq_ref, "meta": {
-        "date": datetime.date.today().isoformat(), "commit": _commit(), "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(), "commit": git_commit(), "python": platform.python_version(),
         "torch": torch.__version__, "threads": args.threads, "nsamples": args.nsamples, "seqlen": args.seqlen,
         "repeats": args.repeats, "command": " ".join(["python benchmarks/agq_timing.py", *sys.argv[1:]])}}
     write_results(args.out, res, markdown)

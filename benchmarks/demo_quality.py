@@ -26,7 +26,6 @@ import datetime
 import json
 import math
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_common import git_commit  # noqa: E402
 import moeq  # noqa: E402
 from benchmarks.demo_data import write_results  # noqa: E402
 from moeq.assets import demo_model_path  # noqa: E402
@@ -142,7 +142,7 @@ def run(args) -> dict:
                           f"ppl {r['ppl']:.4f}  top-k overlap {r['topk_overlap']:.4f}  exact {r['exact_match']:.4f}"
                           f"  ({q_s:.0f}s)", flush=True)
     results["meta"] = {
-        "date": datetime.date.today().isoformat(), "commit": _commit(), "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(), "commit": git_commit(), "python": platform.python_version(),
         "torch": torch.__version__, "threads": args.threads, "nsamples": args.nsamples, "seqlen": args.seqlen,
         "calib_seeds": args.calib_seeds, "bits": args.bits, "ebss_tau": EBSSConfig().tau,
         "eval_tokens": held.numel(), "eval_windows": held.numel() // EVAL_SEQLEN,
@@ -151,13 +151,6 @@ def run(args) -> dict:
     }
     return results
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _mean_rows(rows: list[dict]) -> dict:

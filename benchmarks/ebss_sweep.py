@@ -28,7 +28,6 @@ import datetime
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_common import git_commit  # noqa: E402
 from moeq.assets import demo_model_path  # noqa: E402
 from moeq.calib.data import random_windows  # noqa: E402
 from moeq.calib.ebss import EBSSConfig, ebss_generate, expert_usage_cv  # noqa: E402
@@ -112,13 +112,6 @@ def run_model(name, model, tok, args, plain_ids=None) -> list[dict]:
     return rows
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def _mean(xs):
     xs = [x for x in xs if x is not None]
@@ -192,7 +185,7 @@ def main(argv=None) -> int:
         if args.models is None or name in args.models:
             rows += run_model(name, skew_routed(family, ov), tok, args)
     res = {"rows": rows, "table": aggregate(rows), "meta": {
-        "date": datetime.date.today().isoformat(), "commit": _commit(), "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(), "commit": git_commit(), "python": platform.python_version(),
         "torch": torch.__version__, "nsamples": args.nsamples, "seqlen": args.seqlen, "seeds": args.seeds,
         "taus": args.taus, "seconds": round(time.perf_counter() - t0, 1),
         "command": " ".join(["python benchmarks/ebss_sweep.py", *sys.argv[1:]])}}

@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 import moeq  # noqa: E402
 from benchmarks.demo_data import write_results  # noqa: E402
-from benchmarks.demo_quality import EVAL_SEQLEN, _commit, evaluate  # noqa: E402
+from benchmarks.bench_common import git_commit  # noqa: E402
+from benchmarks.demo_quality import EVAL_SEQLEN, evaluate  # noqa: E402
 from moeq.assets import demo_model_path  # noqa: E402
 from moeq.calib.data import load_jsonl, random_windows  # noqa: E402
 from moeq.calib.ebss import EBSSConfig, ebss_generate, expert_usage_cv, write_jsonl  # noqa: E402
@@ -138,7 +139,7 @@ def run(args, prose: str) -> dict:
                 print(f"[{time.perf_counter() - t_start:5.0f}s] seed {seed} W{bits} {label:10s} {data:5s} ppl "
                       f"{r['ppl']:.4f} overlap {r['topk_overlap']:.4f} layer err "
                       f"{' '.join(f'{e:.4f}' for e in r['layer_error'])}", flush=True)
-    out["meta"] = {"date": datetime.date.today().isoformat(), "commit": _commit(), "python": platform.python_version(),
+    out["meta"] = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "python": platform.python_version(),
                    "torch": torch.__version__, "threads": args.threads, "nsamples": args.nsamples,
                    "seqlen": args.seqlen, "seeds": args.seeds, "bits": args.bits, "eval_tokens": held.numel(),
                    "prose_dir": str(PROSE_DIR), "prose_bytes": len(prose.encode()),
