@@ -190,6 +190,8 @@ def fused_experts_supports(device: torch.device, **attrs) -> str | None:
     ``attrs`` are those built by :func:`moeq_kernels.ops.fused_experts`. Mirrors the C++ limits
     (``moe_decode_unsupported`` in csrc/moe_decode.cu) so dispatch falls back instead of raising.
     """
+    if attrs.get("act13") is not None or attrs.get("act2") is not None:
+        return "activation quantization (W4A8/W4A4) runs on the reference backend only"
     if attrs.get("w13_bits") != DECODE_BITS or attrs.get("w2_bits") != DECODE_BITS:
         return f"bits {attrs.get('w13_bits')}/{attrs.get('w2_bits')}: the CUDA decode kernel is 4-bit only"
     dtype = attrs.get("dtype")

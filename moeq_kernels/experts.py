@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeq_kernels.act_quant import ActSpec
 from moeq_kernels.packing import PackedWeight
 
 # The op's weight arguments, in schema order (moeq_kernels.ops.fused_experts, after hidden / top_k_index /
@@ -25,6 +26,10 @@ OP_ARG_NAMES = (
     "w13_qweight", "w13_scales", "w13_qzeros", "w2_qweight", "w2_scales", "w2_qzeros",
     "w13_bits", "w13_group_size", "w2_bits", "w2_group_size", "activation", "online_hadamard",
 )
+# The activation-quantization scalars come after ``backend`` (all defaulted), so that positional callers of the
+# older schema keep working.
+ACT_ARG_NAMES = ("act13_bits", "act13_format", "act13_clip", "act2_bits", "act2_format", "act2_clip")
+NO_ACT = (0, "int", 1.0)  # the flat form of "activations stay in hidden.dtype" (act bits 0)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,9 @@ class ExpertWeights:
         activation: gate activation, a key of ``moeq_kernels.reference.experts.ACTIVATIONS``.
         online_hadamard: the down input is multiplied by the orthonormal Hadamard ``H_I / sqrt(I)`` at run
             time (the offline ``W_down H_I`` is folded into ``w2``).
+        act13: dynamic per-token quantization of the ``gate_up`` input (:mod:`moeq_kernels.act_quant`), or
+            None (16-bit activations).
+        act2: the same for the ``down`` input, applied after the online Hadamard.
 
     ``group_size`` of each stack is whatever the caller stores (-1 or K for per-channel); backends resolve it.
     No validation here (construction runs in every forward, also under tracing): the backends check what
@@ -49,6 +57,8 @@ class ExpertWeights:
     w2: PackedWeight
     activation: str = "silu"
     online_hadamard: bool = False
+    act13: ActSpec | None = None
+    act2: ActSpec | None = None
 
     @property
     def num_experts(self) -> int:
@@ -82,14 +92,20 @@ class ExpertWeights:
         return (a.qweight, a.scales, a.qzeros, b.qweight, b.scales, b.qzeros,
                 a.bits, a.group_size, b.bits, b.group_size, self.activation, self.online_hadamard)
 
+    def act_args(self) -> tuple:
+        """The op's activation-quantization scalars, in :data:`ACT_ARG_NAMES` order (after ``backend``)."""
+        return (*_flat_act(self.act13), *_flat_act(self.act2))
+
     @classmethod
     def from_op_args(cls, w13_qweight, w13_scales, w13_qzeros, w2_qweight, w2_scales, w2_qzeros,
                      w13_bits, w13_group_size, w2_bits, w2_group_size, activation="silu",
-                     online_hadamard=False) -> "ExpertWeights":
-        """Inverse of :meth:`op_args`."""
+                     online_hadamard=False, *, act13_bits=0, act13_format="int", act13_clip=1.0, act2_bits=0,
+                     act2_format="int", act2_clip=1.0) -> "ExpertWeights":
+        """Inverse of :meth:`op_args` (+ :meth:`act_args` as keywords)."""
         return cls(PackedWeight(w13_qweight, w13_scales, w13_qzeros, w13_bits, w13_group_size),
                    PackedWeight(w2_qweight, w2_scales, w2_qzeros, w2_bits, w2_group_size),
-                   activation, online_hadamard)
+                   activation, online_hadamard, _act_from_flat(act13_bits, act13_format, act13_clip),
+                   _act_from_flat(act2_bits, act2_format, act2_clip))
 
     def dispatch_attrs(self, hidden: torch.Tensor, top_k_index: torch.Tensor, explicit: bool) -> dict:
         """The call attributes the backends' ``supports`` predicates and the dispatch table read.
@@ -105,7 +121,16 @@ class ExpertWeights:
             "num_experts": self.num_experts, "top_k": top_k_index.shape[-1],
             "num_tokens": hidden.shape[0], "zeros": self.has_zeros,
             "online_hadamard": self.online_hadamard, "dtype": hidden.dtype, "activation": self.activation,
+            "act13": self.act13, "act2": self.act2,
             # CPU tensors run Triton only through the interpreter, and only when the caller names it: "auto" on
             # a CPU must not send a model's forward into the (slow, bf16-inexact) interpreter.
             "explicit": explicit,
         }
+
+
+def _flat_act(spec: ActSpec | None) -> tuple[int, str, float]:
+    return NO_ACT if spec is None else (spec.bits, spec.format, float(spec.clip))
+
+
+def _act_from_flat(bits: int, fmt: str, clip: float) -> ActSpec | None:
+    return None if bits == 0 else ActSpec(bits, fmt, clip)

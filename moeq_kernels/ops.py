@@ -65,18 +65,28 @@ def fused_experts(
     activation: str = "silu",
     online_hadamard: bool = False,
     backend: str = "auto",
+    act13_bits: int = 0,
+    act13_format: str = "int",
+    act13_clip: float = 1.0,
+    act2_bits: int = 0,
+    act2_format: str = "int",
+    act2_clip: float = 1.0,
 ) -> torch.Tensor:
     """Quantized MoE experts: routed ``gate_up`` -> ``act(gate) * up`` -> (Hadamard) -> ``down`` -> weighted sum.
 
     Shapes: ``hidden [T, H]``, ``top_k_index [T, k]`` (int), ``top_k_weights [T, k]``; the ``w13_*`` stack is
     logical ``[E, 2I, H]``, the ``w2_*`` stack ``[E, H, I]`` (see ``moeq_kernels.packing``). Returns ``[T, H]``
-    in ``hidden.dtype``. Reference semantics: :func:`moeq_kernels.reference.fused_experts_ref`.
+    in ``hidden.dtype``. ``act13_*`` / ``act2_*``: dynamic activation quantization of the gate_up / down input
+    (bits 0 = none; :mod:`moeq_kernels.act_quant`). Reference semantics:
+    :func:`moeq_kernels.reference.fused_experts_ref`.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not supported; expected one of {sorted(ACTIVATIONS)}")
     weights = ExpertWeights.from_op_args(w13_qweight, w13_scales, w13_qzeros, w2_qweight, w2_scales, w2_qzeros,
                                          w13_bits, w13_group_size, w2_bits, w2_group_size, activation,
-                                         online_hadamard)
+                                         online_hadamard, act13_bits=act13_bits, act13_format=act13_format,
+                                         act13_clip=act13_clip, act2_bits=act2_bits, act2_format=act2_format,
+                                         act2_clip=act2_clip)
     attrs = weights.dispatch_attrs(hidden, top_k_index, explicit=backend != "auto")
     return backends.dispatch("fused_experts", hidden.device, backend, attrs,
                              hidden, top_k_index, top_k_weights, weights)
@@ -94,7 +104,8 @@ def apply_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
     Shapes as :func:`fused_experts`: ``hidden [T, H]``, ``top_k_index [T, k]``, ``top_k_weights [T, k]``;
     returns ``[T, H]`` in ``hidden.dtype``.
     """
-    return torch.ops.moeq.fused_experts(hidden, top_k_index, top_k_weights, *weights.op_args(), backend)
+    return torch.ops.moeq.fused_experts(hidden, top_k_index, top_k_weights, *weights.op_args(), backend,
+                                        *weights.act_args())
 
 
 def _no_grad(ctx, grad):

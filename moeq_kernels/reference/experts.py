@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moeq_kernels.act_quant import fake_quant_act
 from moeq_kernels.experts import ExpertWeights
 from moeq_kernels.packing import PackedWeight, dequantize
 from moeq_kernels.reference.hadamard import hadamard_ref
@@ -24,7 +25,9 @@ def fused_experts_ref(
         weights: ``w13`` packed ``gate_up`` stack, logical ``[E, 2I, H]`` (rows ``[0, I)`` gate, ``[I, 2I)``
             up); ``w2`` packed ``down`` stack, logical ``[E, H, I]``; ``online_hadamard``: apply the
             orthonormal Hadamard ``x <- x @ H_I / sqrt(I)`` to the down input (the offline side
-            ``W_down <- W_down H`` was folded into the weights).
+            ``W_down <- W_down H`` was folded into the weights); ``act13`` / ``act2``: per-token activation
+            fake-quant of the gate_up input / the down input (after the Hadamard), as a W4A8/W4A4 kernel
+            computes them (:mod:`moeq_kernels.act_quant`).
     Returns:
         ``[T, H]`` in ``hidden.dtype``. Products run in ``hidden.dtype``, the weighted sum in float32 (as
         transformers' batched_mm / grouped_mm experts do).
@@ -33,17 +36,19 @@ def fused_experts_ref(
     w13p, w2p = weights.w13, weights.w2
     num_experts = weights.num_experts
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    hidden_q = fake_quant_act(hidden, weights.act13)  # per token: the same codes whichever experts read it
     flat = top_k_index.reshape(-1).long()
     valid = (flat >= 0) & (flat < num_experts)
     for e in torch.unique(flat[valid]).tolist():
         slots = (flat == e).nonzero().squeeze(-1)
         tok = slots // top_k_index.shape[1]
-        x = hidden[tok]
+        x = hidden_q[tok]
         w13 = _expert(w13p, e, hidden.dtype)
         gate, up = F.linear(x, w13).chunk(2, dim=-1)
         h = act(gate) * up
         if weights.online_hadamard:
             h = hadamard_ref(h)
+        h = fake_quant_act(h, weights.act2)
         w2 = _expert(w2p, e, hidden.dtype)
         y = F.linear(h, w2)
         w = top_k_weights.reshape(-1)[slots].to(torch.float32).unsqueeze(-1)

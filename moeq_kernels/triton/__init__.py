@@ -42,6 +42,8 @@ def fused_experts_supports(device: torch.device, **attrs) -> str | None:
             # keeps the reference and only a caller naming backend="triton" gets it. Needs ops to pass
             # "explicit" (backend != "auto") in attrs; without it every CPU call under the interpreter runs here.
             return "on CPU the Triton interpreter runs only when backend='triton' is named"
+    if attrs.get("act13") is not None or attrs.get("act2") is not None:
+        return "activation quantization (W4A8/W4A4) runs on the reference backend only"
     for name in ("w13_bits", "w2_bits"):
         if attrs.get(name) not in _KERNEL_BITS:
             return f"{name}={attrs.get(name)} not in {_KERNEL_BITS}"

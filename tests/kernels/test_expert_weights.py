@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from moeq_kernels import ops
-from moeq_kernels.experts import OP_ARG_NAMES, ExpertWeights
+from moeq_kernels.act_quant import ActSpec
+from moeq_kernels.experts import ACT_ARG_NAMES, OP_ARG_NAMES, ExpertWeights
 from moeq_kernels.packing import PackedWeight, pack
 from moeq_kernels.reference import fused_experts_ref
 
@@ -26,10 +27,14 @@ def test_op_args_round_trip_in_schema_order():
     assert len(flat) == len(OP_ARG_NAMES)
     schema = torch.ops.moeq.fused_experts.default._schema
     names = [a.name for a in schema.arguments]
-    # the op's schema is hidden, top_k_index, top_k_weights, <OP_ARG_NAMES>, backend
-    assert names == ["hidden", "top_k_index", "top_k_weights", *OP_ARG_NAMES, "backend"]
+    # the op's schema is hidden, top_k_index, top_k_weights, <OP_ARG_NAMES>, backend, <ACT_ARG_NAMES>
+    assert names == ["hidden", "top_k_index", "top_k_weights", *OP_ARG_NAMES, "backend", *ACT_ARG_NAMES]
     back = ExpertWeights.from_op_args(*flat)
     assert back.op_args() == flat  # same tensor objects, same scalars
+    assert back.act13 is None and back.act2 is None and w.act_args() == (0, "int", 1.0, 0, "int", 1.0)
+    wa = ExpertWeights(w.w13, w.w2, "silu", False, ActSpec(8, "fp8_e4m3", 0.9), ActSpec(4, "int", 0.75))
+    back = ExpertWeights.from_op_args(*wa.op_args(), **dict(zip(ACT_ARG_NAMES, wa.act_args())))
+    assert (back.act13, back.act2) == (wa.act13, wa.act2)
     assert (back.num_experts, back.hidden_dim, back.intermediate_dim) == (4, 64, 32) and back.has_zeros
 
 
