@@ -100,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help="local Hugging Face model directory")
     q.add_argument("--out", required=True, help="output directory (new or empty; see --overwrite)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing moeq checkpoint at --out")
+    q.add_argument("--restart", action="store_true",
+                   help="discard an unfinished run with other settings at --out (the same settings resume it)")
     q.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
-    q.add_argument("--device", default="cpu", help="device the model is loaded on")
-    q.add_argument("--calib-device", default=None, help="compute device for calibration (layers move there one at a time)")
+    q.add_argument("--device", default="cpu",
+                   help="compute device; the model streams from disk one decoder layer at a time")
+    q.add_argument("--calib-device", default=None, help="compute device for calibration (default: --device)")
     _add_quant_args(q)
 
     e = sub.add_parser("eval", help="perplexity, routing agreement and lm-eval tasks of a (quantized) checkpoint")
@@ -181,9 +184,7 @@ def _require_dir(path: str) -> Path:
 def cmd_quantize(args) -> int:
     from transformers import AutoConfig
 
-    import moeq
     from moeq.calib.data import is_jsonl, load_calibration
-    from moeq.io.source import load_source_model
     from moeq.models import adapter_for
     from moeq.quantizers import get_method
 
@@ -210,21 +211,39 @@ def cmd_quantize(args) -> int:
         warn_positions(args.seqlen, hf_config)
         calib = load_calibration(tok, args.calib, args.nsamples, args.seqlen, args.seed)
         check_token_ids(calib, hf_config.vocab_size, args.calib)
-    model = load_source_model(src, parse_dtype(args.dtype), args.device)
-    if args.mixed_budget is not None:
-        from moeq.mixed import plan_mixed_precision
+    if args.mixed_budget is None:
+        from moeq.pipeline import quantize_checkpoint
 
-        plan = plan_mixed_precision(model, adapter_for(model), args.mixed_budget, args.mixed_score,
-                                    args.mixed_granularity, tuple(args.mixed_levels) if args.mixed_levels else None, calib)
-        config = QuantConfig.from_dict({**config.to_dict(), "expert_bits": plan})
-    report = moeq.quantize_model(model, config, calib=calib, device=args.calib_device)
-    if calib is not None and "_samples" in model.config.quantization_config["calibration"]:
-        model.config.quantization_config["calibration"]["_samples"]["source"] = str(args.calib)
-    out = moeq.save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, sources=(src,))
+        out, report = quantize_checkpoint(src, args.out, config, calib, dtype=parse_dtype(args.dtype),
+                                          device=args.calib_device or args.device, tokenizer=tok,
+                                          overwrite=args.overwrite, restart=args.restart,
+                                          calib_source=str(args.calib) if calib is not None else None)
+    else:
+        out, report = _quantize_mixed(args, src, config, calib, tok)
     errs = [m.rel_error for m in report.modules]
     print(f"quantized {len(errs)} expert stacks with {config.method} w{config.bits}g{config.group_size}: "
           f"mean rel. weight error {sum(errs) / max(len(errs), 1):.4f}; saved to {out}")
     return 0
+
+
+def _quantize_mixed(args, src: Path, config: QuantConfig, calib, tok):
+    """Mixed precision allocates bits under a budget over every layer's scores, so it still loads the whole
+    model (the streaming pipeline quantizes a plan it is given: ``QuantConfig.expert_bits``)."""
+    import moeq
+    from moeq.io.source import load_source_model
+    from moeq.mixed import plan_mixed_precision
+    from moeq.models import adapter_for
+
+    logger.warning("--mixed-budget loads the whole model into memory (its bit allocation needs every layer's scores)")
+    model = load_source_model(src, parse_dtype(args.dtype), args.device)
+    plan = plan_mixed_precision(model, adapter_for(model), args.mixed_budget, args.mixed_score,
+                                args.mixed_granularity, tuple(args.mixed_levels) if args.mixed_levels else None, calib)
+    config = QuantConfig.from_dict({**config.to_dict(), "expert_bits": plan})
+    report = moeq.quantize_model(model, config, calib=calib, device=args.calib_device)
+    if calib is not None and "_samples" in model.config.quantization_config["calibration"]:
+        model.config.quantization_config["calibration"]["_samples"]["source"] = str(args.calib)
+    out = moeq.save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, sources=(src,))
+    return out, report
 
 
 def check_source(src: Path) -> None:
@@ -402,13 +421,27 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             return handler(args)
     except KeyboardInterrupt:
-        print("moeq: interrupted (an output being written was discarded; existing files are unchanged)", file=sys.stderr)
+        print("moeq: interrupted (an output being written was discarded; existing files are unchanged)"
+              f"{_resume_note(args)}", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
         if args.verbose:
             traceback.print_exc()
-        print(f"moeq: error: {describe_error(exc)}", file=sys.stderr)
+        print(f"moeq: error: {describe_error(exc)}{_resume_note(args)}", file=sys.stderr)
         return 2
+
+
+def _resume_note(args) -> str:
+    """Where an interrupted ``moeq quantize`` keeps its finished layers (re-running the command resumes)."""
+    from moeq.pipeline.partial import PROGRESS, partial_dir
+
+    if args.cmd != "quantize":
+        return ""
+    d = partial_dir(Path(args.out).absolute())
+    if not (d / PROGRESS).is_file():
+        return ""
+    done = len(json.loads((d / PROGRESS).read_text()).get("layers", {}))
+    return f"; {done} finished layer(s) are kept in {d}: run the same command again to continue"
 
 
 def describe_error(exc: BaseException) -> str:

@@ -42,24 +42,29 @@ def quantize_experts_rtn(name: str, experts: nn.Module, config: QuantConfig, rep
     return build_experts(parts["gate_up"], parts["down"], config.online_hadamard, config.backend)
 
 
+def rtn_layer(layer: nn.Module, idx: int, adapter: MoEAdapter, config: QuantConfig, report: QuantReport) -> None:
+    """RTN of decoder layer ``idx`` in place: its listed linears, then its routed experts."""
+    prefix = f"{adapter.layers_path}.{idx}"
+    for name, (linear, _) in linear_targets(layer, adapter, config, prefix).items():
+        t0 = time.perf_counter()
+        q = quantize_linear_rtn(linear, config.spec_for(name, "linear"), config)
+        report.add(ModuleReport(name, tuple(linear.weight.shape), q.spec.bits, q.group_size,
+                                rel_error(linear.weight, q.packed().dequantize(torch.float32)), time.perf_counter() - t0))
+        set_module(layer, name[len(prefix) + 1 :], q)
+    block = adapter.moe_block(layer)
+    if block is None:
+        return
+    experts = adapter.experts(block)
+    if isinstance(experts, (QuantizedExperts, MixedQuantizedExperts)):
+        raise ValueError(f"{adapter.experts_name(idx)} is already quantized")
+    setattr(block, adapter.experts_attr, quantize_experts_rtn(adapter.experts_name(idx), experts, config, report))
+
+
 @register_method("rtn", needs_calibration=False, description="round-to-nearest, per-group MSE clip search")
 def _rtn(model: nn.Module, adapter: MoEAdapter, config: QuantConfig, calib, device) -> QuantReport:
     report = QuantReport()
     for i, layer in enumerate(tqdm(adapter.layers(model), desc="rtn: layers", unit="layer")):
-        prefix = f"{adapter.layers_path}.{i}"
-        for name, (linear, _) in linear_targets(layer, adapter, config, prefix).items():
-            t0 = time.perf_counter()
-            q = quantize_linear_rtn(linear, config.spec_for(name, "linear"), config)
-            report.add(ModuleReport(name, tuple(linear.weight.shape), q.spec.bits, q.group_size,
-                                    rel_error(linear.weight, q.packed().dequantize(torch.float32)), time.perf_counter() - t0))
-            set_module(layer, name[len(prefix) + 1 :], q)
-        block = adapter.moe_block(layer)
-        if block is None:
-            continue
-        experts = adapter.experts(block)
-        if isinstance(experts, (QuantizedExperts, MixedQuantizedExperts)):
-            raise ValueError(f"{adapter.experts_name(i)} is already quantized")
-        setattr(block, adapter.experts_attr, quantize_experts_rtn(adapter.experts_name(i), experts, config, report))
+        rtn_layer(layer, i, adapter, config, report)
     return report
 
 

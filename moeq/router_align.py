@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from moeq.models import MoEAdapter
+from moeq.runner import observe_layer
 from moeq.smoothing import layerwise_pass
 
 logger = logging.getLogger(__name__)
@@ -135,11 +136,31 @@ def align_routers(model: nn.Module, adapter: MoEAdapter, calib, device=None,
         return _RouterProbe(adapter.router(block), block, grid)
 
     def end(idx, layer, block, probe: _RouterProbe):
-        rec = probe.choose()
-        out[router_name(adapter, idx)] = rec
-        logger.info("%s: 8-bit clip %.2f, routing KL %.3e -> %.3e, top-k agreement %.4f -> %.4f (%d tokens)",
-                    router_name(adapter, idx), rec["clip_ratio"], rec["kl_absmax"], rec["kl_aligned"],
-                    rec["agreement_absmax"], rec["agreement_aligned"], rec["tokens"])
+        out[router_name(adapter, idx)] = _choose(probe, adapter, idx)
 
     layerwise_pass(model, adapter, calib, device, begin, end)
     return out
+
+
+def _choose(probe: _RouterProbe, adapter: MoEAdapter, idx: int) -> dict:
+    rec = probe.choose()
+    logger.info("%s: 8-bit clip %.2f, routing KL %.3e -> %.3e, top-k agreement %.4f -> %.4f (%d tokens)",
+                router_name(adapter, idx), rec["clip_ratio"], rec["kl_absmax"], rec["kl_aligned"],
+                rec["agreement_absmax"], rec["agreement_aligned"], rec["tokens"])
+    return rec
+
+
+@torch.no_grad()
+def align_router_layer(layer: nn.Module, idx: int, adapter: MoEAdapter, inputs, device,
+                       grid: tuple[float, ...] = CLIP_GRID) -> dict | None:
+    """Round one layer's router to 8 bits with its KL-chosen clipping ratio from calibration ``inputs``
+    (:class:`moeq.runner.LayerInputs`); returns its record (None without a router). The per-layer form of
+    :func:`align_routers` used by the streaming pipeline."""
+    block = adapter.moe_block(layer)
+    if block is None:
+        return None
+    if 1.0 not in grid:
+        raise ValueError("the clipping grid must contain 1.0 (absmax rounding, the reference)")
+    probe = _RouterProbe(adapter.router(block), block, tuple(sorted(grid, reverse=True)))
+    observe_layer(layer, inputs, device, probe)
+    return _choose(probe, adapter, idx)

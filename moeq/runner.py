@@ -60,7 +60,8 @@ def capture_inputs(model, adapter, ids: torch.Tensor, attention_mask: torch.Tens
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    moved = _non_layer_modules(model, adapter)
+    # modules still on meta (the streaming pipeline's final norm) are not needed before the first layer
+    moved = [m for m in _non_layer_modules(model, adapter) if not any(t.is_meta for t in m.state_dict().values())]
     for m in moved:
         m.to(device)
     try:
@@ -99,18 +100,39 @@ def run_sequential(model: nn.Module, adapter: MoEAdapter, config: QuantConfig, i
     layers = adapter.layers(model)
     for i in tqdm(range(len(layers)), desc=f"{config.method}: layers", unit="layer"):
         layer = layers[i].to(device)  # offload: only this layer is on the compute device
-        lq = LayerQuantizer(adapter, config, i, layer, affinity, report, device)
-        for stage in (1, 2):
-            _calibrate_stage(lq, stage, inputs, device)
-        meta.update(lq.metadata)
-        for name, m in lq.metadata.items():  # what each expert's Hessian was built from (min/median/few-token)
-            logger.info("%s: %s", name, format_token_stats(expert_token_stats(m["tokens"], m["total_tokens"],
-                                                                             threshold=m["threshold"])))
-        inputs.hidden = [o.to(store) for o in _run_layer(layer, inputs, device)]
+        meta.update(gptq_layer(layer, i, adapter, config, inputs, affinity, report, device))
+        inputs.hidden = run_layer(layer, inputs, device, store)
         layers[i].to(home)
     for m in _non_layer_modules(model, adapter):
         m.to(home)
     return meta
+
+
+def gptq_layer(layer: nn.Module, idx: int, adapter: MoEAdapter, config: QuantConfig, inputs: LayerInputs,
+               affinity: str, report, device) -> dict:
+    """GPTQ/AGQ of decoder layer ``idx`` (on ``device``) in place from its calibration ``inputs`` (stage 1, then
+    stage 2; the caller propagates the outputs); returns the layer's calibration metadata by experts name."""
+    lq = LayerQuantizer(adapter, config, idx, layer, affinity, report, device)
+    for stage in (1, 2):
+        _calibrate_stage(lq, stage, inputs, device)
+    for name, m in lq.metadata.items():  # what each expert's Hessian was built from (min/median/few-token)
+        logger.info("%s: %s", name, format_token_stats(expert_token_stats(m["tokens"], m["total_tokens"],
+                                                                         threshold=m["threshold"])))
+    return lq.metadata
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs, device, store) -> list[torch.Tensor]:
+    """The layer's outputs ``[1, L, H]`` per sample (on ``store``): the next layer's inputs."""
+    return [o.to(store) for o in _run_layer(layer, inputs, device)]
+
+
+def observe_layer(layer: nn.Module, inputs: LayerInputs, device, probe) -> None:
+    """Run every calibration sample through ``layer`` for the hooks of ``probe`` (``probe.set_mask(mask [L])``
+    before each sample, ``probe.remove()`` at the end); the outputs are dropped."""
+    try:
+        _run_layer(layer, inputs, device, on_sample=lambda j: probe.set_mask(inputs.masks[j].to(device)))
+    finally:
+        probe.remove()
 
 
 def _calibrate_stage(lq: "LayerQuantizer", stage: int, inputs: LayerInputs, device) -> None:

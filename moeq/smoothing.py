@@ -43,7 +43,7 @@ from torch import nn
 
 from moeq.config import SMOOTH_AGGREGATIONS
 from moeq.models import MoEAdapter
-from moeq.runner import capture_inputs
+from moeq.runner import capture_inputs, observe_layer
 
 logger = logging.getLogger(__name__)
 
@@ -300,17 +300,38 @@ def smooth_model(model: nn.Module, adapter: MoEAdapter, calib, alpha: float = 0.
         return _LayerStats(adapter, block, down_proj, next(layer.parameters()).device)
 
     def end(idx, layer, block, stats: _LayerStats):
-        s = _input_scales(stats, adapter, block, alpha, aggregation)
-        fold_input_scales(adapter, getattr(layer, adapter.post_attn_norm_attr), block, s)
-        entry = {"tokens": stats.tokens, "experts_with_tokens": int((stats.counts > 0).sum()),
-                 "scale_min": float(s.min()), "scale_max": float(s.max())}
-        if down_proj:
-            s_e, s_sh = _down_scales(stats, adapter, block, alpha)
-            fold_down_scales(adapter, block, s_e, s_sh)
-            entry["down_scale_max"] = float(s_e.max())
-        report.layers[adapter.experts_name(idx)] = entry
-        logger.info("%s smoothed (alpha %.2f, %s): input scales in [%.3g, %.3g]", adapter.experts_name(idx), alpha,
-                    aggregation, entry["scale_min"], entry["scale_max"])
+        report.layers[adapter.experts_name(idx)] = _fold_layer(stats, adapter, idx, layer, block, alpha, aggregation,
+                                                               down_proj)
 
     layerwise_pass(model, adapter, calib, device, begin, end)
     return report
+
+
+def _fold_layer(stats: _LayerStats, adapter: MoEAdapter, idx: int, layer: nn.Module, block: nn.Module, alpha: float,
+                aggregation: str, down_proj: bool) -> dict:
+    """Fold the scales of one layer's statistics; returns its report entry."""
+    s = _input_scales(stats, adapter, block, alpha, aggregation)
+    fold_input_scales(adapter, getattr(layer, adapter.post_attn_norm_attr), block, s)
+    entry = {"tokens": stats.tokens, "experts_with_tokens": int((stats.counts > 0).sum()),
+             "scale_min": float(s.min()), "scale_max": float(s.max())}
+    if down_proj:
+        s_e, s_sh = _down_scales(stats, adapter, block, alpha)
+        fold_down_scales(adapter, block, s_e, s_sh)
+        entry["down_scale_max"] = float(s_e.max())
+    logger.info("%s smoothed (alpha %.2f, %s): input scales in [%.3g, %.3g]", adapter.experts_name(idx), alpha,
+                aggregation, entry["scale_min"], entry["scale_max"])
+    return entry
+
+
+@torch.no_grad()
+def smooth_layer(layer: nn.Module, idx: int, adapter: MoEAdapter, inputs, device, alpha: float = 0.5,
+                 aggregation: str = "max", down_proj: bool = True) -> dict | None:
+    """Smooth one decoder layer in place from its calibration ``inputs`` (:class:`moeq.runner.LayerInputs`,
+    on ``device``); returns its report entry (None for a layer without routed experts). The per-layer form of
+    :func:`smooth_model` used by the streaming pipeline."""
+    block = adapter.moe_block(layer)
+    if block is None:
+        return None
+    stats = _LayerStats(adapter, block, down_proj, next(layer.parameters()).device)
+    observe_layer(layer, inputs, device, stats)
+    return _fold_layer(stats, adapter, idx, layer, block, alpha, aggregation, down_proj)

@@ -78,6 +78,32 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     return digest.hexdigest()
 
 
+def patch_metadata(path: Path, updates: dict[str, str]) -> None:
+    """Replace metadata values in the header of a file :func:`write_safetensors` wrote, in place.
+
+    Each new value must have the length of the placeholder it replaces (digests: 64 hex characters), so the
+    header keeps its size and the data section is not moved: the file ends up byte-identical to writing it
+    with the final metadata in one go. This is how the streaming pipeline writes each layer once, before the
+    digests of the whole checkpoint are known.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        meta = header["__metadata__"]
+        for key, value in updates.items():
+            if key not in meta or len(meta[key]) != len(value):
+                raise ValueError(f"{path}: metadata {key!r} has no placeholder of length {len(value)}")
+            meta[key] = value
+        blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        if len(blob) != n:
+            raise ValueError(f"{path}: patched header is {len(blob)} bytes, was {n}")
+        f.seek(8)
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _raw_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's bytes in C order (no copy when already contiguous on the CPU)."""
     t = t.detach().to("cpu").contiguous()
@@ -138,9 +164,10 @@ class CheckpointTransaction:
     ``cleanup``): tests raise from it to interrupt the save at that point.
     """
 
-    def __init__(self, dest: Path, on_step: Callable[[str], None] | None = None):
+    def __init__(self, dest: Path, on_step: Callable[[str], None] | None = None, workdir: Path | None = None):
         self.dest = Path(dest)
         self.on_step = on_step
+        self.workdir = None if workdir is None else Path(workdir)
         self.dir: Path | None = None
 
     def step(self, name: str) -> None:
@@ -150,20 +177,27 @@ class CheckpointTransaction:
     def __enter__(self) -> "CheckpointTransaction":
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         self.step("tmp")
+        if self.workdir is not None:  # a resumable run's own directory: it already holds finished work
+            self.dir = self.workdir
+            return self
         self.dir = self.dest.parent / f".{self.dest.name}{TMP_TAG}{secrets.token_hex(4)}"
         self.dir.mkdir()
         return self
 
+    def _discard(self) -> None:
+        if self.workdir is None:  # a workdir is kept: re-running the command resumes from it
+            shutil.rmtree(self.dir, ignore_errors=True)
+
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self._discard()
             return False
         try:
             _fsync_dir(self.dir)
             self.step("swap")
             old = _swap_into_place(self.dir, self.dest, self.step)
         except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self._discard()
             raise
         _fsync_dir(self.dest.parent)
         if old is not None:

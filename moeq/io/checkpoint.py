@@ -53,13 +53,27 @@ def quantization_config_dict(model: nn.Module, adapter: MoEAdapter, config: Quan
     """The ``quantization_config`` entry: global settings, each quantized module's exact specs
     (``modules``: experts; ``linear_modules``: plain linears) and calibration facts (token counts per expert,
     few-token fallbacks)."""
+    modules, linears = module_entries(model, adapter)
+    return quantization_config_from(config, modules, linears, calibration)
+
+
+def quantization_config_from(config: QuantConfig, modules: dict, linears: dict, calibration: dict) -> dict:
+    """``quantization_config`` from its parts (the streaming pipeline gathers them layer by layer)."""
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "moeq_version": _version(),
+            **config.to_dict(), "modules": modules, "linear_modules": linears, "calibration": calibration}
+
+
+def module_entries(model: nn.Module, adapter: MoEAdapter, prefix: str = "") -> tuple[dict, dict]:
+    """``(modules, linear_modules)`` entries of the quantized modules of ``model`` whose names start with
+    ``prefix`` (parameters may be on the meta device: only shapes and specs are read)."""
     linears = {n: {**m.spec.to_dict(), "group_size": m.group_size, "in_features": m.in_features,
                    "out_features": m.out_features, "bias": m.bias is not None, "scale_dtype": dtype_name(m.scale_dtype)}
-               for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+               for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and n.startswith(prefix)}
     modules = {}
     for idx, block in adapter.moe_layers(model):
         ex = adapter.experts(block)
-        if not isinstance(ex, (QuantizedExperts, MixedQuantizedExperts)):
+        name = adapter.experts_name(idx)
+        if not isinstance(ex, (QuantizedExperts, MixedQuantizedExperts)) or not name.startswith(prefix):
             continue
         first = ex if isinstance(ex, QuantizedExperts) else ex.groups[0]
         entry = {
@@ -70,9 +84,8 @@ def quantization_config_dict(model: nn.Module, adapter: MoEAdapter, config: Quan
         }
         if isinstance(ex, MixedQuantizedExperts):
             entry["expert_specs"] = [[a.to_dict(), b.to_dict()] for a, b in ex.expert_specs()]
-        modules[adapter.experts_name(idx)] = entry
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "moeq_version": _version(),
-            **config.to_dict(), "modules": modules, "linear_modules": linears, "calibration": calibration}
+        modules[name] = entry
+    return modules, linears
 
 
 def _expert_tensors(name: str, mod: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,13 +103,21 @@ def _expert_tensors(name: str, mod: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor to save: per-expert packed tensors plus the rest of the state dict (tied copies dropped)."""
-    quant = experts_modules(model)
+def checkpoint_tensors(model: nn.Module, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor to save: per-expert packed tensors plus the rest of the state dict (tied copies dropped).
+
+    Args:
+        prefix: only the submodule of that name (``"model.layers.3"``), keys kept in full.
+        skip: leave out the tensors under these module names (the streaming pipeline writes the decoder
+            layers on their own).
+    """
+    root = model.get_submodule(prefix) if prefix else model
+    lead = f"{prefix}." if prefix else ""
+    quant = {lead + n: m for n, m in experts_modules(root).items()}
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for key, t in model.state_dict().items():
-        if any(key.startswith(q + ".") for q in quant):
+    for key, t in root.state_dict(prefix=lead).items():
+        if any(key.startswith(q + ".") for q in quant) or any(key.startswith(s + ".") for s in skip):
             continue
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen:  # tied weights (lm_head = embed_tokens): re-tied by tie_weights() on load
@@ -104,7 +125,8 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(ptr)
         out[key] = t.contiguous()
     for name, mod in quant.items():
-        out.update(_expert_tensors(name, mod))
+        if not any(name.startswith(s + ".") for s in skip):
+            out.update(_expert_tensors(name, mod))
     return out
 
 

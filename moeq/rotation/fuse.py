@@ -36,12 +36,25 @@ def _readers_after_attention(layer: nn.Module, adapter: MoEAdapter) -> list[torc
 
 
 @torch.no_grad()
-def fuse_norms(model: nn.Module, adapter: MoEAdapter) -> None:
-    """Fold ``input_layernorm`` into the attention readers, ``post_attention_layernorm`` into router,
-    shared-expert gate, routed and shared gate/up (or the dense MLP), and the final norm into ``lm_head``."""
-    for layer in adapter.layers(model):
-        attn = getattr(layer, adapter.attn_attr)
-        readers = [getattr(attn, n).weight for n in adapter.attn_readers if isinstance(getattr(attn, n, None), nn.Linear)]
-        _fold(getattr(layer, adapter.input_norm_attr), readers)
-        _fold(getattr(layer, adapter.post_attn_norm_attr), _readers_after_attention(layer, adapter))
+def fuse_layer_norms(layer: nn.Module, adapter: MoEAdapter) -> None:
+    """Fold one decoder layer's ``input_layernorm`` into its attention readers and ``post_attention_layernorm``
+    into router, shared-expert gate, routed and shared gate/up (or the dense MLP)."""
+    attn = getattr(layer, adapter.attn_attr)
+    readers = [getattr(attn, n).weight for n in adapter.attn_readers if isinstance(getattr(attn, n, None), nn.Linear)]
+    _fold(getattr(layer, adapter.input_norm_attr), readers)
+    _fold(getattr(layer, adapter.post_attn_norm_attr), _readers_after_attention(layer, adapter))
+
+
+@torch.no_grad()
+def fuse_final_norm(model: nn.Module, adapter: MoEAdapter) -> None:
+    """Fold the final norm into ``lm_head``."""
     _fold(model.get_submodule(adapter.final_norm_path), [model.get_submodule(adapter.lm_head_path).weight])
+
+
+@torch.no_grad()
+def fuse_norms(model: nn.Module, adapter: MoEAdapter) -> None:
+    """:func:`fuse_layer_norms` for every layer, then :func:`fuse_final_norm` (each fold touches its own
+    tensors only, so the streaming pipeline applies them layer by layer with the same result)."""
+    for layer in adapter.layers(model):
+        fuse_layer_norms(layer, adapter)
+    fuse_final_norm(model, adapter)

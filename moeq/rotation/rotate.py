@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from moeq.models import MoEAdapter
-from moeq.rotation.fuse import fuse_norms
+from moeq.rotation.fuse import fuse_final_norm, fuse_layer_norms
 from moeq_kernels.hadamard import hadamard_factors, hadamard_matrix
 
 logger = logging.getLogger(__name__)
@@ -108,29 +108,55 @@ def _online_hadamard_down(block: nn.Module, adapter: MoEAdapter) -> None:
     _set(down, down.double() @ h)
 
 
+def check_unquantized(model: nn.Module, adapter: MoEAdapter) -> None:
+    for idx, block in adapter.moe_layers(model):
+        if not hasattr(adapter.experts(block), "gate_up_proj"):
+            raise RotationError(f"{adapter.experts_name(idx)} is already quantized: rotate before quantizing")
+
+
+def rotation_for(model: nn.Module, seed: int) -> torch.Tensor:
+    """The residual-stream rotation ``Q [H, H]`` float64 of ``model`` (random-sign Hadamard, ``seed``)."""
+    return random_hadamard(model.config.hidden_size, seed)
+
+
+@torch.no_grad()
+def rotate_outer(model: nn.Module, adapter: MoEAdapter, q: torch.Tensor, embed: bool = True, head: bool = True) -> None:
+    """The non-layer part of rotation: untie lm_head, ``embed <- embed Q``, fold the final norm into lm_head
+    and ``lm_head <- lm_head Q`` (``embed`` / ``head`` select the halves, for a pipeline that holds only one)."""
+    emb, lm_head = model.get_submodule(adapter.embed_path), model.get_submodule(adapter.lm_head_path)
+    if lm_head.weight is emb.weight:
+        logger.warning("untying lm_head from the input embedding: the final norm's scale is folded into lm_head")
+        lm_head.weight = nn.Parameter(emb.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    if embed:
+        _set(emb.weight, emb.weight.double() @ q.to(emb.weight.device))
+    if head:
+        fuse_final_norm(model, adapter)
+        _read(lm_head.weight, q)
+
+
+@torch.no_grad()
+def rotate_layer(layer: nn.Module, adapter: MoEAdapter, q: torch.Tensor, online_hadamard: bool) -> None:
+    """Rotate one decoder layer in place: fold its norms, rotate its readers and writers by ``q``, and (MoE
+    layers, ``online_hadamard``) fold ``H_I`` into the routed down projections."""
+    fuse_layer_norms(layer, adapter)
+    _rotate_layer(layer, adapter, q)
+    block = adapter.moe_block(layer)
+    if online_hadamard and block is not None:
+        _online_hadamard_down(block, adapter)
+
+
 @torch.no_grad()
 def rotate_model(model: nn.Module, adapter: MoEAdapter, seed: int = 0, online_hadamard: bool = True) -> None:
     """Fuse norms and rotate ``model`` (full precision, before quantization) in place; see module docstring.
 
     Raises :class:`RotationError` when a dimension has no supported Hadamard order or the model already
     holds quantized experts. Tied input/output embeddings are untied (lm_head gets its own copy), because the
-    final norm's scale is folded into lm_head only.
+    final norm's scale is folded into lm_head only. Every step touches its own tensors, so this equals
+    :func:`rotate_outer` + :func:`rotate_layer` per layer (what the streaming pipeline runs).
     """
-    for idx, block in adapter.moe_layers(model):
-        if not hasattr(adapter.experts(block), "gate_up_proj"):
-            raise RotationError(f"{adapter.experts_name(idx)} is already quantized: rotate before quantizing")
-    hidden = model.config.hidden_size
-    q = random_hadamard(hidden, seed)
-    embed, lm_head = model.get_submodule(adapter.embed_path), model.get_submodule(adapter.lm_head_path)
-    if lm_head.weight is embed.weight:
-        logger.warning("untying lm_head from the input embedding: the final norm's scale is folded into lm_head")
-        lm_head.weight = nn.Parameter(embed.weight.detach().clone())
-        model.config.tie_word_embeddings = False
-    fuse_norms(model, adapter)
-    _set(embed.weight, embed.weight.double() @ q.to(embed.weight.device))
+    check_unquantized(model, adapter)
+    q = rotation_for(model, seed)
+    rotate_outer(model, adapter, q)
     for layer in adapter.layers(model):
-        _rotate_layer(layer, adapter, q)
-    _read(lm_head.weight, q)
-    if online_hadamard:
-        for _, block in adapter.moe_layers(model):
-            _online_hadamard_down(block, adapter)
+        rotate_layer(layer, adapter, q, online_hadamard)

@@ -109,11 +109,18 @@ def test_ctrl_c_is_130_with_one_line(q_dir, capsys, monkeypatch):
 def test_full_disk_is_one_line_and_writes_nothing(fp_dir, tmp_path, capsys, monkeypatch):
     def full(path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr(moeq.io.checkpoint, "write_safetensors", full)
+    import moeq.pipeline.stream
+
+    monkeypatch.setattr(moeq.pipeline.stream, "write_safetensors", full)
     out = tmp_path / "q"
     _one_line_error(capsys, ["quantize", "--model", str(fp_dir), "--out", str(out), "--group-size", "32"],
-                    "no space left on device", "existing files are unchanged")
-    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+                    "no space left on device", "existing files are unchanged",
+                    "0 finished layer(s) are kept in", "run the same command again to continue")
+    # only the resumable run's directory (its progress record) is left beside the output
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [".q.moeq-partial"]
+    monkeypatch.undo()
+    assert main(["quantize", "--model", str(fp_dir), "--out", str(out), "--group-size", "32"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
 
 
 def test_verbose_adds_traceback(fp_dir, tmp_path, capsys):

@@ -5,8 +5,15 @@
 speed work of issue #20. The test recomputes them; any change of a single bit in any code or scale fails.
 
 Threads are pinned to 1 while digests are computed: GPTQ's Hessian accumulation and matmuls are fp32 sums
-whose order (hence last bits) may depend on the thread count. Regenerate (only when a change of results is
-intended and explained): ``python tests/moeq/test_golden.py --write``.
+whose order (hence last bits) may depend on the thread count. They also depend on the CPU's BLAS kernels:
+the GPTQ/AGQ digests of one commit differ between an AVX2 and an AVX-512 machine (measured: 12 of 20 GPTQ-family
+cases; RTN is identical). The file therefore holds one *set* of digests per machine kind, each recorded by
+running the code of the golden commit there (``--record LABEL``), and the test passes when every digest equals
+one set. On a machine kind no set was recorded on, RTN digests must still match exactly (they are portable)
+and each GPTQ-family case's mean relative weight error must be within 0.5% of the recorded one: a refactor
+that changes results moves it by far more (a dropped Hessian term, a wrong group) -- then record that
+machine's set from the golden commit. Regenerate all (only when a change of results is intended and
+explained): ``python tests/moeq/test_golden.py --write``.
 """
 
 from __future__ import annotations
@@ -60,33 +67,39 @@ def packed_digests(model) -> dict[str, str]:
     return out
 
 
-def _case_digest(model, kwargs: dict, calib: torch.Tensor) -> str:
-    """One sha256 over the per-tensor digests (keys included) after quantizing ``model`` in place."""
+def _case(model, kwargs: dict, calib: torch.Tensor) -> tuple[str, float]:
+    """``(sha256 over the per-tensor digests (keys included), mean relative weight error)`` after quantizing
+    ``model`` in place."""
     cfg = moeq.QuantConfig(**kwargs)
-    moeq.quantize_model(model, cfg, calib=None if kwargs["method"] == "rtn" else calib)
+    report = moeq.quantize_model(model, cfg, calib=None if kwargs["method"] == "rtn" else calib)
     digests = packed_digests(model)
     if not digests:
         raise AssertionError("no packed tensors found")
-    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+    rel = sum(m.rel_error for m in report.modules) / len(report.modules)
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest(), rel
 
 
-def compute_all() -> dict[str, str]:
-    """Digest of every case, computed with one thread (see the module docstring)."""
+def compute_all() -> tuple[dict[str, str], dict[str, float]]:
+    """Digest and mean relative error of every case, computed with one thread (see the module docstring)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = {}
+        out, rel = {}, {}
         demo_calib = _calib(4, 64, seed=0)
         for name, kw in DEMO_CASES:
             model = AutoModelForCausalLM.from_pretrained(moeq.demo_model_path(), dtype=torch.float32).eval()
-            out[f"demo/{name}"] = _case_digest(model, kw, demo_calib)
+            out[f"demo/{name}"], rel[f"demo/{name}"] = _case(model, kw, demo_calib)
         tiny_calib = _calib(2, 32, seed=1)
         for family in sorted(TINY_CONFIGS):
             for name, kw in TINY_CASES:
-                out[f"{family}/{name}"] = _case_digest(tiny_model(family), kw, tiny_calib)
-        return out
+                out[f"{family}/{name}"], rel[f"{family}/{name}"] = _case(tiny_model(family), kw, tiny_calib)
+        return out, rel
     finally:
         torch.set_num_threads(n)
+
+
+def machine_kind() -> str:
+    return f"cpu {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__.split('+')[0]}"
 
 
 @pytest.fixture(scope="module")
@@ -94,21 +107,41 @@ def computed():
     return compute_all()
 
 
+def _sets() -> dict[str, dict]:
+    return json.loads(GOLDEN.read_text())["sets"]
+
+
 def test_golden_file_covers_every_case():
-    golden = json.loads(GOLDEN.read_text())
     expected = {f"demo/{n}" for n, _ in DEMO_CASES} | {f"{f}/{n}" for f in TINY_CONFIGS for n, _ in TINY_CASES}
-    assert set(golden) == expected
+    for label, entry in _sets().items():
+        assert set(entry["digests"]) == expected, label
+    # every RTN digest is the same in every set (RTN has no BLAS reduction whose order varies by CPU)
+    rtn = [{k: v for k, v in e["digests"].items() if "/rtn_" in k} for e in _sets().values()]
+    assert all(r == rtn[0] for r in rtn)
 
 
 def test_outputs_bit_identical_to_golden(computed):
-    golden = json.loads(GOLDEN.read_text())
-    changed = sorted(k for k in golden if computed.get(k) != golden[k])
-    assert not changed, f"packed outputs changed for {changed}"
+    digests, rel = computed
+    sets = _sets()
+    changed = {label: sorted(k for k, v in e["digests"].items() if digests.get(k) != v) for label, e in sets.items()}
+    if any(not c for c in changed.values()):
+        return  # identical to the set of one machine kind
+    known = [label for label, e in sets.items() if e.get("machine") == machine_kind()]
+    assert not known, f"packed outputs changed for {changed[known[0]]} (machine kind {machine_kind()})"
+    # a machine kind without a recorded set: RTN exact, GPTQ-family by their mean relative error
+    ref = next(e for e in sets.values() if "rel_error" in e)
+    moved = {k: (rel[k], r) for k, r in ref["rel_error"].items() if abs(rel[k] - r) > 5e-3 * r}
+    rtn = sorted(k for k in digests if "/rtn_" in k and digests[k] != ref["digests"][k])
+    assert not rtn and not moved, f"outputs changed: RTN {rtn}, relative error (now, recorded) {moved}"
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--write"]:
-        GOLDEN.write_text(json.dumps(compute_all(), indent=1, sort_keys=True) + "\n")
-        print(f"wrote {GOLDEN}")
+    if sys.argv[1:2] in (["--write"], ["--record"]):
+        label = sys.argv[2] if sys.argv[1:2] == ["--record"] else machine_kind()
+        dig, rel = compute_all()
+        data = json.loads(GOLDEN.read_text()) if sys.argv[1] == "--record" else {"sets": {}}
+        data["sets"][label] = {"machine": machine_kind(), "digests": dig, "rel_error": rel}
+        GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        print(f"wrote set {label!r} to {GOLDEN}")
     else:
         print(json.dumps(compute_all(), indent=1, sort_keys=True))

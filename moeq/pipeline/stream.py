@@ -1,0 +1,248 @@
+"""``quantize_checkpoint``: quantize a checkpoint on disk one decoder layer at a time, every stage in one pass.
+
+The model is a skeleton on the meta device. The embeddings are read only to compute the first layer's
+calibration inputs; then for each decoder layer in turn: its weights are read from the source shards
+(per-expert hub keys or fused ``gate_up_proj`` / ``down_proj``; block FP8 dequantized; NaN refused -- see
+:mod:`moeq.io.source`), every enabled stage acts on it (:mod:`moeq.pipeline.stages`: rotation, smoothing,
+router, RTN/GPTQ/AGQ), the calibration activations run through the quantized layer to become the next
+layer's inputs, its packed tensors are written as the layer's own shard, and the layer goes back to meta.
+The embeddings, final norm and lm_head are written last. Peak host memory is one layer (in the source dtype,
+plus the quantizer's temporaries) + the calibration activations + the process, independent of the number of
+layers (``benchmarks/stream_memory.py`` measures it).
+
+Output: ``model-<i>-of-<L+1>.safetensors`` for layer ``i - 1`` and the last shard for the rest, with the
+index, ``config.json`` and the same digests and values as :func:`moeq.save_quantized` writes (format 2). The
+run is resumable (:mod:`moeq.pipeline.partial`) and ends in one directory swap (:mod:`moeq.io.atomic`).
+
+For plain RTN, GPTQ and AGQ the packed tensors equal :func:`moeq.quantize_model` + :func:`moeq.save_quantized`
+bit for bit (tested), rotation included. Smoothing and KL-aligned 8-bit routers see the activations of the
+already quantized earlier layers here (like GPTQ), instead of a separate full-precision pass each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moeq import __version__
+from moeq.config import FORMAT_VERSION, QUANT_METHOD, QuantConfig
+from moeq.io.atomic import ST_DTYPES, CheckpointTransaction, check_destination, patch_metadata, write_json, \
+    write_safetensors
+from moeq.io.checkpoint import INDEX_NAME, _check_finite_scales, checkpoint_tensors, module_entries, \
+    quantization_config_from
+from moeq.io.integrity import META_CONFIG, META_DATA, META_LAYOUT, canonical_sha256, layout_sha256
+from moeq.io.load import assign_tensor, params_on_meta
+from moeq.io.source import SourceCheckpoint, open_source
+from moeq.models import MoEAdapter, adapter_for
+from moeq.pipeline.partial import PartialRun, source_digest, tensor_digest
+from moeq.pipeline.stages import LayerContext, Stage, merge_calibration, stages_for
+from moeq.quantize import check_module_names
+from moeq.quantizers.report import ModuleReport, QuantReport
+from moeq.runner import capture_inputs, run_layer
+from moeq.smoothing import calib_tensors
+
+logger = logging.getLogger(__name__)
+
+_PLACEHOLDER = "0" * 64  # a digest not known until the last layer is done (patched in place, same length)
+
+
+def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig | None = None, calib=None, *,
+                        dtype: torch.dtype | None = None, device=None, tokenizer=None, overwrite: bool = False,
+                        restart: bool = False, calib_source: str | None = None,
+                        on_layer: Callable[[int], None] | None = None,
+                        on_step: Callable[[str], None] | None = None) -> tuple[Path, QuantReport]:
+    """Quantize the full-precision checkpoint ``source`` into the moeq checkpoint ``out``, layer by layer.
+
+    Args:
+        config: what to do (:class:`QuantConfig`; mixed-precision plans must already be in ``expert_bits``).
+        calib: calibration tokens, int64 ``[n, L]`` or a dict with ``input_ids`` / ``attention_mask`` ``[n, L]``
+            (needed by gptq/agq, smoothing and KL-aligned routers).
+        dtype: dtype the weights are read in (default: the config's).
+        device: compute device; each layer streams host -> device, so device memory is one layer plus the
+            calibration activations.
+        tokenizer: saved beside the checkpoint when given.
+        overwrite: replace an existing moeq checkpoint at ``out``.
+        restart: discard an unfinished run of other settings (by default it is continued when the settings
+            match and refused otherwise).
+        calib_source: recorded as ``calibration._samples.source``.
+        on_layer: called with each layer index once the layer is recorded (tests interrupt from it).
+        on_step: the final save's fault-injection hook (:class:`moeq.io.atomic.CheckpointTransaction`).
+    Returns:
+        ``(out directory, report)``.
+    """
+    config = config or QuantConfig()
+    src = Path(source)
+    dest = check_destination(out, [src], overwrite)
+    sc, plan_model = open_source(src, dtype)  # plan_model: pristine meta model the source reader maps names on
+    model = _skeleton(sc, next(plan_model.parameters()).dtype)
+    sc.plan_model = plan_model
+    adapter = adapter_for(model)
+    adapter.check(model)
+    check_module_names(model, adapter, config)
+    stages = stages_for(config, model.config.hidden_size, calib is not None)
+    ids, mask = calib_tensors(calib) if calib is not None else (None, None)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    run = PartialRun(dest, _fingerprint(sc, config, ids, mask, model, device), restart)
+    layers = adapter.layers(model)
+    names = [f"model-{i + 1:05d}-of-{len(layers) + 1:05d}.safetensors" for i in range(len(layers) + 1)]
+    report = QuantReport()
+    for i in sorted(run.layers):
+        report.modules += [ModuleReport(**{**d, "shape": tuple(d["shape"])}) for d in run.layers[i]["report"]]
+    start = run.next_layer
+    needs_inputs = any(s.needs_inputs for s in stages)
+    inputs = _first_inputs(sc, model, adapter, stages, run, start, ids, mask, device) \
+        if needs_inputs and start < len(layers) else None
+    store = torch.device("cpu") if device.type == "cpu" else device
+    with tqdm(total=len(layers), initial=start, desc=f"{config.method}: layers", unit="layer") as bar:
+        for i in range(start, len(layers)):
+            times = _quantize_layer(sc, model, adapter, config, stages, run, i, names[i], inputs, device, store, report)
+            bar.set_postfix_str(" ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+            bar.update(1)
+            if on_layer is not None:
+                on_layer(i)
+    return _finish(sc, model, adapter, config, stages, run, names, ids, mask, calib_source, tokenizer, dest,
+                   on_step), report
+
+
+def _skeleton(sc: SourceCheckpoint, dtype: torch.dtype) -> nn.Module:
+    """The CausalLM with parameters on meta and computed buffers (rotary ``inv_freq``) real."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(sc.path)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def _fingerprint(sc: SourceCheckpoint, config: QuantConfig, ids, mask, model: nn.Module, device) -> dict:
+    """What determines the output bytes (a resumed run must match it)."""
+    return {"source": source_digest(sc.path, sc.tensors), "config": config.to_dict(),
+            "calibration": None if ids is None else tensor_digest(ids, mask),
+            "dtype": str(next(model.parameters()).dtype), "device": device.type, "threads": torch.get_num_threads(),
+            "moeq": __version__, "torch": torch.__version__}
+
+
+def _outer_names(model: nn.Module, adapter: MoEAdapter) -> list[str]:
+    """Module names holding the non-layer tensors (embeddings, final norm, lm_head, ...)."""
+    lead = adapter.layers_path + "."
+    return sorted({k.rpartition(".")[0] for k in model.state_dict() if not k.startswith(lead)})
+
+
+def _load(sc: SourceCheckpoint, model: nn.Module, names: list[str]) -> None:
+    """Read the tensors of modules ``names`` into ``model`` (names are mapped on the unchanging
+    ``sc.plan_model``, so the source plan is built once, whatever the skeleton has become)."""
+    for name in names:
+        for key, t in sc.load_module(name, sc.plan_model).items():
+            assign_tensor(model, key, t)
+
+
+def _first_inputs(sc, model, adapter, stages: list[Stage], run: PartialRun, start: int, ids, mask, device):
+    """Calibration inputs of layer ``start``: the embeddings' outputs (layer 0) or the saved ones."""
+    store = torch.device("cpu") if device.type == "cpu" else device
+    _load(sc, model, [adapter.embed_path])
+    for s in stages:
+        s.outer(model, adapter, "embed")
+    inputs = capture_inputs(model, adapter, ids, mask, device, store)  # also the per-sample kwargs and masks
+    model.get_submodule(adapter.embed_path).to("meta")  # read again at the end, when it is written
+    if start > 0:
+        inputs.hidden = [h.to(store) for h in run.load_inputs(start)]
+    return inputs
+
+
+def _quantize_layer(sc, model, adapter, config, stages, run, i, shard, inputs, device, store, report) -> dict:
+    """Read, process, write and free layer ``i``; returns seconds per stage."""
+    prefix = f"{adapter.layers_path}.{i}"
+    t0 = time.perf_counter()
+    _load(sc, model, [prefix])
+    layers = adapter.layers(model)
+    times = {"read": time.perf_counter() - t0}
+    ctx = LayerContext(i, layers[i].to(device), adapter, config, inputs, device, QuantReport())
+    for s in stages:
+        t0 = time.perf_counter()
+        s.run(ctx)
+        times[s.name] = times.get(s.name, 0.0) + time.perf_counter() - t0
+    next_inputs = None
+    if inputs is not None and i + 1 < len(layers):
+        t0 = time.perf_counter()
+        inputs.hidden = next_inputs = run_layer(ctx.layer, inputs, device, store)
+        times["propagate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tensors = {k: v.detach().cpu() for k, v in checkpoint_tensors(model, prefix).items()}
+    _check_finite_scales(tensors)
+    write_safetensors(run.dir / shard, tensors, _shard_meta(_PLACEHOLDER, _PLACEHOLDER), digest_key=META_DATA)
+    modules, linears = module_entries(model, adapter, prefix + ".")
+    record = {"shard": shard, "tensors": {k: [ST_DTYPES[t.dtype], list(t.shape)] for k, t in tensors.items()},
+              "bytes": sum(t.numel() * t.element_size() for t in tensors.values()), "modules": modules,
+              "linear_modules": linears, "calibration": ctx.calibration,
+              "report": [dataclasses.asdict(m) for m in ctx.report.modules]}
+    run.finish_layer(i, record, next_inputs)
+    layers[i].to("meta")  # frees the layer: its quantized module structure stays for the config
+    times["write"] = time.perf_counter() - t0
+    report.modules += ctx.report.modules
+    return times
+
+
+def _shard_meta(config_digest: str, layout_digest: str) -> dict[str, str]:
+    return {"format": "pt", "quant_method": QUANT_METHOD, "moeq_format_version": str(FORMAT_VERSION),
+            META_CONFIG: config_digest, META_LAYOUT: layout_digest}
+
+
+def _finish(sc, model, adapter, config, stages, run: PartialRun, names, ids, mask, calib_source, tokenizer, dest,
+            on_step) -> Path:
+    """Write the non-layer shard, the config and the index, patch the digests in, and swap into place."""
+    _load(sc, model, _outer_names(sc.plan_model, adapter))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    for s in stages:
+        s.outer(model, adapter, "embed")
+        s.outer(model, adapter, "head")
+    modules, linears, calibration, layout, sizes = {}, {}, {}, {}, {}
+    for i in sorted(run.layers):
+        rec = run.layers[i]
+        modules.update(rec["modules"])
+        linears.update(rec["linear_modules"])
+        merge_calibration(calibration, rec["calibration"])
+        layout.update({k: (d, tuple(s)) for k, (d, s) in rec["tensors"].items()})
+        sizes[rec["shard"]] = (list(rec["tensors"]), rec["bytes"])
+    if ids is not None and (config.method != "rtn" or calibration):  # as quantize_model records it
+        calibration["_samples"] = {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
+                                   "tokens": int(ids.numel() if mask is None else mask.sum())}
+        if calib_source is not None:
+            calibration["_samples"]["source"] = calib_source
+    model.config.quantization_config = quantization_config_from(config, modules, linears, calibration)
+    model.config.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    rest = {k: v.detach().cpu() for k, v in checkpoint_tensors(model, skip=(adapter.layers_path,)).items()}
+    layout.update({k: (ST_DTYPES[t.dtype], tuple(t.shape)) for k, t in rest.items()})
+    sizes[names[-1]] = (list(rest), sum(t.numel() * t.element_size() for t in rest.values()))
+    with CheckpointTransaction(dest, on_step, workdir=run.dir) as tx:
+        tx.step("config")
+        model.config.save_pretrained(tx.dir)
+        written = json.loads((tx.dir / "config.json").read_text())["quantization_config"]
+        digests = {META_CONFIG: canonical_sha256(written), META_LAYOUT: layout_sha256(layout)}
+        tx.step("rest")
+        write_safetensors(tx.dir / names[-1], rest, _shard_meta(digests[META_CONFIG], digests[META_LAYOUT]),
+                          digest_key=META_DATA)
+        for name in names[:-1]:
+            tx.step(f"patch:{name}")
+            patch_metadata(tx.dir / name, digests)
+        tx.step("index")
+        write_json(tx.dir / INDEX_NAME, {"metadata": {"total_size": sum(b for _, b in sizes.values())},
+                                         "weight_map": {k: f for f, (keys, _) in sizes.items() for k in keys}})
+        tx.step("side_files")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tx.dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tx.dir)
+        run.clean()
+    logger.info("saved %d tensors in %d shard(s) to %s", len(layout), len(names), dest)
+    return dest
