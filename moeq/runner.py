@@ -48,10 +48,13 @@ def _non_layer_modules(model: nn.Module, adapter: MoEAdapter) -> list[nn.Module]
 
 
 @torch.no_grad()
-def capture_inputs(model, adapter, ids: torch.Tensor, attention_mask: torch.Tensor | None, device, store) -> LayerInputs:
-    """Run the embedding part of the model on every sample and capture the first decoder layer's inputs."""
+def capture_inputs(model, adapter, ids: torch.Tensor, attention_mask: torch.Tensor | None, device, store,
+                   hidden=None) -> LayerInputs:
+    """Run the embedding part of the model on every sample and capture the first decoder layer's inputs
+    (into ``hidden``, any object with ``append``, e.g. :class:`moeq.pipeline.activations.DiskActivations`;
+    default a list)."""
     layers = adapter.layers(model)
-    out = LayerInputs([], [], [])
+    out = LayerInputs([] if hidden is None else hidden, [], [])
 
     def pre_hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -77,14 +80,17 @@ def capture_inputs(model, adapter, ids: torch.Tensor, attention_mask: torch.Tens
     return out
 
 
-def _run_layer(layer: nn.Module, inputs: LayerInputs, device, on_sample=None) -> list[torch.Tensor]:
-    outs = []
+def iter_layer(layer: nn.Module, inputs: LayerInputs, device, on_sample=None):
+    """The layer's output ``[1, L, H]`` for each calibration sample in turn (one sample in flight)."""
     for j, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
         if on_sample is not None:
             on_sample(j)
         y = layer(h.to(device), **kw)
-        outs.append(y[0] if isinstance(y, tuple) else y)
-    return outs
+        yield y[0] if isinstance(y, tuple) else y
+
+
+def _run_layer(layer: nn.Module, inputs: LayerInputs, device, on_sample=None) -> list[torch.Tensor]:
+    return list(iter_layer(layer, inputs, device, on_sample))
 
 
 @torch.no_grad()
@@ -130,7 +136,8 @@ def observe_layer(layer: nn.Module, inputs: LayerInputs, device, probe) -> None:
     """Run every calibration sample through ``layer`` for the hooks of ``probe`` (``probe.set_mask(mask [L])``
     before each sample, ``probe.remove()`` at the end); the outputs are dropped."""
     try:
-        _run_layer(layer, inputs, device, on_sample=lambda j: probe.set_mask(inputs.masks[j].to(device)))
+        for _ in iter_layer(layer, inputs, device, on_sample=lambda j: probe.set_mask(inputs.masks[j].to(device))):
+            pass
     finally:
         probe.remove()
 
@@ -139,6 +146,7 @@ def _calibrate_stage(lq: "LayerQuantizer", stage: int, inputs: LayerInputs, devi
     """One calibration pass of a stage: install hooks, run all samples, quantize what they measured."""
     lq.begin(stage)
     try:
-        _run_layer(lq.layer, inputs, device, on_sample=lambda j: lq.set_mask(inputs.masks[j].to(device)))
+        for _ in iter_layer(lq.layer, inputs, device, on_sample=lambda j: lq.set_mask(inputs.masks[j].to(device))):
+            pass  # the hooks measured what they need; the outputs are recomputed by the propagation pass
     finally:
         lq.end(stage)

@@ -7,6 +7,8 @@ Layout of the directory (it becomes the checkpoint when the run finishes)::
     model-0000<i+1>-of-<N>.safetensors   finished layer i (final bytes except two digests patched at the end)
     inputs-<k>.safetensors          calibration inputs of layer k (``h<j>`` = sample j, ``[1, L, H]``), the
                                     outputs of the finished layers; only when a stage needs activations
+                                    (with ``offload_dir`` they are a DiskActivations directory there instead,
+                                    named in progress.json)
 
 Every step is ordered so that an interrupt at any moment leaves a state the next run continues from: a layer's
 shard and its successor's inputs are fsynced before ``progress.json`` (replaced atomically) records the layer;
@@ -29,6 +31,7 @@ import torch
 
 from moeq.io.atomic import write_json, write_safetensors
 from moeq.io.source_tensors import ShardReader, read_header
+from moeq.pipeline.activations import DiskActivations
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ class PartialRun:
         self.dir = partial_dir(dest)
         self.fingerprint = fingerprint
         self.layers: dict[int, dict] = {}
+        self.inputs_dirs: dict[int, str] = {}  # layer -> DiskActivations directory of its inputs (offload)
         state = self._read()
         if state is not None and state.get("fingerprint") != fingerprint:
             if not restart:
@@ -92,6 +96,7 @@ class PartialRun:
             self._write()
         else:
             self.layers = {int(k): v for k, v in state["layers"].items()}
+            self.inputs_dirs = {int(k): v for k, v in state.get("inputs_dirs", {}).items()}
             logger.info("resuming %s: %d layer(s) already done", self.dir, len(self.layers))
 
     def _read(self) -> dict | None:
@@ -107,7 +112,8 @@ class PartialRun:
 
     def _write(self) -> None:
         tmp = self.dir / (PROGRESS + ".tmp")
-        write_json(tmp, {"fingerprint": self.fingerprint, "layers": {str(k): v for k, v in sorted(self.layers.items())}})
+        write_json(tmp, {"fingerprint": self.fingerprint, "layers": {str(k): v for k, v in sorted(self.layers.items())},
+                         "inputs_dirs": {str(k): v for k, v in self.inputs_dirs.items()}})
         os.replace(tmp, self.dir / PROGRESS)
 
     @property
@@ -118,10 +124,14 @@ class PartialRun:
             k += 1
         return k
 
-    def finish_layer(self, idx: int, record: dict, next_inputs: list[torch.Tensor] | None) -> None:
+    def finish_layer(self, idx: int, record: dict, next_inputs) -> None:
         """Record layer ``idx`` (its shard is written); ``next_inputs`` are the calibration inputs of layer
-        ``idx + 1`` (saved first, then the record; the previous inputs file is removed last)."""
-        if next_inputs is not None:
+        ``idx + 1``, a list (saved here first) or a :class:`DiskActivations` (already on disk), or None. The
+        previous inputs are removed after the record."""
+        self.inputs_dirs = {}
+        if isinstance(next_inputs, DiskActivations):  # the caller removes the previous generation afterwards
+            self.inputs_dirs = {idx + 1: str(next_inputs.dir)}
+        elif next_inputs is not None:
             write_safetensors(self.inputs_path(idx + 1), {f"h{j}": h.contiguous() for j, h in enumerate(next_inputs)}, {})
         self.layers[idx] = record
         self._write()
@@ -132,8 +142,11 @@ class PartialRun:
     def inputs_path(self, idx: int) -> Path:
         return self.dir / f"inputs-{idx:05d}.safetensors"
 
-    def load_inputs(self, idx: int) -> list[torch.Tensor]:
-        """The saved calibration inputs of layer ``idx`` (``[1, L, H]`` per sample, in sample order)."""
+    def load_inputs(self, idx: int):
+        """The saved calibration inputs of layer ``idx`` (``[1, L, H]`` per sample, in sample order): a list,
+        or the :class:`DiskActivations` an offloaded run left."""
+        if idx in self.inputs_dirs:
+            return DiskActivations(Path(self.inputs_dirs[idx]), fresh=False)
         path = self.inputs_path(idx)
         if not path.is_file():
             raise ValueError(f"{path} is missing: the unfinished run cannot continue (pass --restart)")
@@ -146,6 +159,9 @@ class PartialRun:
         (self.dir / PROGRESS).unlink(missing_ok=True)
         for f in self.dir.glob("inputs-*.safetensors"):
             f.unlink()
+        for d in self.inputs_dirs.values():
+            if Path(d).is_dir():
+                DiskActivations(Path(d), fresh=False).remove()
 
 
 def _difference(old: dict, new: dict) -> str:

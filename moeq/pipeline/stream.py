@@ -42,11 +42,12 @@ from moeq.io.integrity import META_CONFIG, META_DATA, META_LAYOUT, canonical_sha
 from moeq.io.load import assign_tensor, params_on_meta
 from moeq.io.source import SourceCheckpoint, open_source
 from moeq.models import MoEAdapter, adapter_for
+from moeq.pipeline.activations import DiskActivations
 from moeq.pipeline.partial import PartialRun, source_digest, tensor_digest
 from moeq.pipeline.stages import LayerContext, Stage, merge_calibration, stages_for
 from moeq.quantize import check_module_names
 from moeq.quantizers.report import ModuleReport, QuantReport
-from moeq.runner import capture_inputs, run_layer
+from moeq.runner import capture_inputs, iter_layer, run_layer
 from moeq.smoothing import calib_tensors
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ _PLACEHOLDER = "0" * 64  # a digest not known until the last layer is done (patc
 
 def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig | None = None, calib=None, *,
                         dtype: torch.dtype | None = None, device=None, tokenizer=None, overwrite: bool = False,
-                        restart: bool = False, calib_source: str | None = None,
+                        restart: bool = False, calib_source: str | None = None, offload_dir: str | Path | None = None,
                         on_layer: Callable[[int], None] | None = None,
                         on_step: Callable[[str], None] | None = None) -> tuple[Path, QuantReport]:
     """Quantize the full-precision checkpoint ``source`` into the moeq checkpoint ``out``, layer by layer.
@@ -73,6 +74,8 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig
         restart: discard an unfinished run of other settings (by default it is continued when the settings
             match and refused otherwise).
         calib_source: recorded as ``calibration._samples.source``.
+        offload_dir: keep the calibration activations between layers in files under this directory (one per
+            sample, :class:`~moeq.pipeline.activations.DiskActivations`) instead of memory; same results.
         on_layer: called with each layer index once the layer is recorded (tests interrupt from it).
         on_step: the final save's fault-injection hook (:class:`moeq.io.atomic.CheckpointTransaction`).
     Returns:
@@ -98,12 +101,14 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig
         report.modules += [ModuleReport(**{**d, "shape": tuple(d["shape"])}) for d in run.layers[i]["report"]]
     start = run.next_layer
     needs_inputs = any(s.needs_inputs for s in stages)
-    inputs = _first_inputs(sc, model, adapter, stages, run, start, ids, mask, device) \
+    acts = None if offload_dir is None else Path(offload_dir) / f"{dest.name}.moeq-inputs"
+    inputs = _first_inputs(sc, model, adapter, stages, run, start, ids, mask, device, acts) \
         if needs_inputs and start < len(layers) else None
-    store = torch.device("cpu") if device.type == "cpu" else device
+    store = torch.device("cpu") if device.type == "cpu" or acts is not None else device
     with tqdm(total=len(layers), initial=start, desc=f"{config.method}: layers", unit="layer") as bar:
         for i in range(start, len(layers)):
-            times = _quantize_layer(sc, model, adapter, config, stages, run, i, names[i], inputs, device, store, report)
+            times = _quantize_layer(sc, model, adapter, config, stages, run, i, names[i], inputs, device, store, report,
+                                    acts)
             bar.set_postfix_str(" ".join(f"{k} {v:.1f}s" for k, v in times.items()))
             bar.update(1)
             if on_layer is not None:
@@ -146,20 +151,26 @@ def _load(sc: SourceCheckpoint, model: nn.Module, names: list[str]) -> None:
             assign_tensor(model, key, t)
 
 
-def _first_inputs(sc, model, adapter, stages: list[Stage], run: PartialRun, start: int, ids, mask, device):
-    """Calibration inputs of layer ``start``: the embeddings' outputs (layer 0) or the saved ones."""
-    store = torch.device("cpu") if device.type == "cpu" else device
+def _first_inputs(sc, model, adapter, stages: list[Stage], run: PartialRun, start: int, ids, mask, device,
+                  acts: Path | None):
+    """Calibration inputs of layer ``start``: the embeddings' outputs (layer 0) or the saved ones (in memory,
+    or a :class:`DiskActivations` under ``acts``)."""
+    store = torch.device("cpu") if device.type == "cpu" or acts is not None else device
     _load(sc, model, [adapter.embed_path])
     for s in stages:
         s.outer(model, adapter, "embed")
-    inputs = capture_inputs(model, adapter, ids, mask, device, store)  # also the per-sample kwargs and masks
+    sink = None if acts is None or start > 0 else DiskActivations(acts / f"inputs-{start:05d}")
+    # the embeddings' outputs, and also the per-sample layer kwargs (position embeddings, masks)
+    inputs = capture_inputs(model, adapter, ids, mask, device, store, hidden=sink)
     model.get_submodule(adapter.embed_path).to("meta")  # read again at the end, when it is written
     if start > 0:
-        inputs.hidden = [h.to(store) for h in run.load_inputs(start)]
+        saved = run.load_inputs(start)
+        inputs.hidden = saved if isinstance(saved, DiskActivations) else [h.to(store) for h in saved]
     return inputs
 
 
-def _quantize_layer(sc, model, adapter, config, stages, run, i, shard, inputs, device, store, report) -> dict:
+def _quantize_layer(sc, model, adapter, config, stages, run, i, shard, inputs, device, store, report,
+                    acts: Path | None) -> dict:
     """Read, process, write and free layer ``i``; returns seconds per stage."""
     prefix = f"{adapter.layers_path}.{i}"
     t0 = time.perf_counter()
@@ -172,9 +183,16 @@ def _quantize_layer(sc, model, adapter, config, stages, run, i, shard, inputs, d
         s.run(ctx)
         times[s.name] = times.get(s.name, 0.0) + time.perf_counter() - t0
     next_inputs = None
+    previous = None if inputs is None else inputs.hidden
     if inputs is not None and i + 1 < len(layers):
         t0 = time.perf_counter()
-        inputs.hidden = next_inputs = run_layer(ctx.layer, inputs, device, store)
+        if acts is None:
+            next_inputs = run_layer(ctx.layer, inputs, device, store)
+        else:  # one sample in memory at a time
+            next_inputs = DiskActivations(acts / f"inputs-{i + 1:05d}")
+            for y in iter_layer(ctx.layer, inputs, device):
+                next_inputs.append(y)
+        inputs.hidden = next_inputs
         times["propagate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tensors = {k: v.detach().cpu() for k, v in checkpoint_tensors(model, prefix).items()}
@@ -186,6 +204,8 @@ def _quantize_layer(sc, model, adapter, config, stages, run, i, shard, inputs, d
               "linear_modules": linears, "calibration": ctx.calibration,
               "report": [dataclasses.asdict(m) for m in ctx.report.modules]}
     run.finish_layer(i, record, next_inputs)
+    if isinstance(previous, DiskActivations) and previous is not next_inputs:
+        previous.remove()  # recorded: this layer's inputs are no longer needed
     layers[i].to("meta")  # frees the layer: its quantized module structure stays for the config
     times["write"] = time.perf_counter() - t0
     report.modules += ctx.report.modules

@@ -161,3 +161,19 @@ def test_refusals_before_any_layer(tmp_path):
         quantize_checkpoint(tmp_path / "src", tmp_path / "out",
                             QuantConfig(group_size=32, overrides={"model.layers.9.mlp.experts": {"bits": 8}}))
     assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
+
+
+def test_offloaded_activations_same_bytes_and_resume(tmp_path):
+    """Activations kept on disk between layers (one file per sample) give the in-memory run's bytes, also
+    when interrupted and resumed; their files are gone at the end."""
+    tiny_model("deepseek_v3").save_pretrained(tmp_path / "src")  # 3 layers: a dense one first
+    config, calib = QuantConfig(method="gptq", group_size=32), _calib()
+    quantize_checkpoint(tmp_path / "src", tmp_path / "mem", config, calib)
+    off = tmp_path / "acts"
+    with pytest.raises(_Stop):
+        quantize_checkpoint(tmp_path / "src", tmp_path / "disk", config, calib, offload_dir=off,
+                            on_layer=_stop_after(1))
+    assert len(list((off / "disk.moeq-inputs" / "inputs-00002").glob("h*.safetensors"))) == 4  # inputs of layer 2
+    quantize_checkpoint(tmp_path / "src", tmp_path / "disk", config, calib, offload_dir=off)
+    assert _files(tmp_path / "disk") == _files(tmp_path / "mem")
+    assert not any((off / "disk.moeq-inputs").iterdir())
