@@ -227,6 +227,17 @@ def fit_block_k(requested: int, k: int, group: int) -> int | None:
     return None
 
 
+def fit_block_k_w4a8(requested: int, k: int, group: int) -> int | None:
+    """K tile of the W4A8 GEMMs (``moe_w4a8``): :func:`fit_block_k` capped at the group size (a tile lies in
+    one quantization group, so one weight scale per output column multiplies its dot) and at least 32 (the
+    smallest K of an 8-bit ``tl.dot``); None if none fits.
+
+    Args as :func:`fit_block_k`.
+    """
+    bk = fit_block_k(min(requested, group), k, group)
+    return bk if bk is not None and bk >= 32 and group % bk == 0 else None
+
+
 # The two-factor row tilings of the MoE online Hadamard (the op moeq::hadamard_transform has its own
 # three-factor tiling, triton/hadamard.tile_config: a different kernel, not interchangeable without changing
 # its arithmetic). Both views split a row of length n = r * c into X [r, c] (c a power of two dividing the
