@@ -11,7 +11,8 @@ Oracles, tightest first:
 * the quantize kernels are bit-exact to :func:`moeq_kernels.act_quant.quantize_act` (codes and scales);
 * each GEMM against float64 on the same codes (the integer/e4m3 dot is exact; only fp32 scale products and
   sums differ: ~1e-7 relative), the gate_up one after its SwiGLU roundings (at most one output ulp);
-* the whole layer against a float64 evaluation of the same pipeline (same codes, same rounding points);
+* the whole layer against ``moeq_kernels.reference.w4a8.w4a8_pipeline_f64`` (the same pipeline in float64:
+  same codes, same rounding points);
 * the whole layer against the reference backend (which rounds its dequantized activations to the activation
   dtype before its matmuls: about one 16-bit rounding per operand, plus the codes that rounding flips).
 """
@@ -31,6 +32,7 @@ from moeq_kernels.act_quant import ActSpec, quantize_act  # noqa: E402
 from moeq_kernels.experts import ExpertWeights  # noqa: E402
 from moeq_kernels.packing import PackedWeight, pack  # noqa: E402
 from moeq_kernels.reference.hadamard import hadamard_ref  # noqa: E402
+from moeq_kernels.reference.w4a8 import w4a8_pipeline_f64  # noqa: E402
 from moeq_kernels.triton import fused_experts_supports  # noqa: E402
 from moeq_kernels.triton.configs import GemmTile, KernelConfig, fit_block_k_w4a8  # noqa: E402
 from moeq_kernels.triton.moe_act_quant import quantize_rows, rotate_quantize_rows  # noqa: E402
@@ -71,30 +73,6 @@ def _case(t=7, e=4, h=64, i=96, k=2, group=32, sym=True, dtype=torch.float16, fm
     if idx is None:
         idx = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
     return x.to(DEVICE), idx.to(DEVICE), torch.rand(t, k, generator=gen).to(DEVICE), weights
-
-
-def _emulate(x, idx, wts, w: ExpertWeights) -> torch.Tensor:
-    """The W4A8 pipeline in float64 on the same codes and with the same rounding points as the kernels."""
-    dt = x.dtype
-    xc, xs = quantize_act(x, w.act13)
-    xa = xc.double() * xs.double()  # the exact activation values the kernel's dot multiplies
-    w13, w2 = w.w13.dequantize(torch.float64), w.w2.dequantize(torch.float64)
-    slots = [(t, j, int(idx[t, j])) for t in range(idx.shape[0]) for j in range(idx.shape[1])
-             if 0 <= int(idx[t, j]) < w.num_experts]
-    rows = []
-    for t, _, e in slots:
-        gate, up = (w13[e] @ xa[t]).chunk(2)
-        g, u = gate.to(dt).float(), up.to(dt).float()
-        rows.append(((g / (1 + torch.exp(-g))).to(dt).float() * u).to(dt))
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    if not rows:
-        return out.to(dt)
-    hh = torch.stack(rows)
-    hc, hs = quantize_act(hadamard_ref(hh) if w.online_hadamard else hh, w.act2)
-    ha = hc.double() * hs.double()
-    for r, (t, j, e) in enumerate(slots):
-        out[t] += (w2[e] @ ha[r]).to(dt).float() * wts[t, j].float()
-    return out.to(dt)
 
 
 def _rel(got, want) -> float:
@@ -217,7 +195,7 @@ def test_layer_matches_float64_pipeline_and_reference(kwargs):
     x, idx, wts, w = _case(**kwargs)
     got = fused_experts_triton(x, idx, wts, w, config=CFG)
     assert got.shape == x.shape and got.dtype == x.dtype and bool(torch.isfinite(got).all())
-    want = _emulate(x, idx, wts, w)
+    want = w4a8_pipeline_f64(x, idx, wts, w)
     err = _rel(got, want)
     assert err < PIPE_TOL[x.dtype], f"vs float64 pipeline: {err:.2e}"
     if interpreting() and x.dtype == torch.float16:
@@ -233,10 +211,10 @@ def test_split_k_and_default_configs():
     # grouped tiles) and at T = 5 (the grouped default, K tiles capped at the group of 32).
     x, idx, wts, w = _case(t=5, fmt="fp8_e4m3", seed=7)
     split = fused_experts_triton(x, idx, wts, w, config=SPLIT_K)
-    assert _rel(split, _emulate(x, idx, wts, w)) < PIPE_TOL[x.dtype]
+    assert _rel(split, w4a8_pipeline_f64(x, idx, wts, w)) < PIPE_TOL[x.dtype]
     assert _rel(fused_experts_triton(x, idx, wts, w), split) < PIPE_TOL[x.dtype]
     one = fused_experts_triton(x[:1], idx[:1], wts[:1], w)
-    assert _rel(one, _emulate(x[:1], idx[:1], wts[:1], w)) < PIPE_TOL[x.dtype]
+    assert _rel(one, w4a8_pipeline_f64(x[:1], idx[:1], wts[:1], w)) < PIPE_TOL[x.dtype]
 
 
 # ------------------------------------------------------------------------------------- supports / dispatch
@@ -269,7 +247,7 @@ def test_supports_accepts_w4a8_and_refuses_with_reason(change, reason):
 def test_dispatch_runs_w4a8_on_triton_and_the_rest_on_reference():
     x, idx, wts, w = _case(t=3)
     got = ops.apply_experts(x, idx, wts, w, "triton")  # act scalars cross the op boundary and reach the kernels
-    assert _rel(got, _emulate(x, idx, wts, w)) < PIPE_TOL[x.dtype]
+    assert _rel(got, w4a8_pipeline_f64(x, idx, wts, w)) < PIPE_TOL[x.dtype]
     w4a4 = ExpertWeights(w.w13, w.w2, "silu", False, ActSpec(4), ActSpec(4))
     attrs = w4a4.dispatch_attrs(x, idx, explicit=False)
     assert backends.backend_for("fused_experts", DEVICE, **attrs) == "reference"
