@@ -201,6 +201,28 @@ def default_config(num_experts: int, hidden: int, inter: int, top_k: int, num_to
     return KernelConfig(path="grouped", gate_up=gate_up, down=down)
 
 
+def pinned_config() -> KernelConfig | None:
+    """The config pinned with :func:`pin_config`, or None."""
+    return _PINNED
+
+
+def w4a8_default_config(num_experts: int, hidden: int, inter: int, top_k: int, num_tokens: int) -> KernelConfig:
+    """Heuristic tiles of the W4A8 grouped kernels (``moe_w4a8``), at every T (W4A8 has no slot path).
+
+    ``block_m`` follows the mean slots per expert as in :func:`default_config`, capped at 64; ``block_k`` 128 (a
+    g128 group per tile: one scale FMA pass per 128 MACs); ``block_n`` 64. Warps: 4 at ``block_m`` 16, else 8.
+    These are the tiles that compile without register spills for sm_90 in the static compile
+    (benchmarks/results/triton_sm90_resources.md: e.g. 128 x 64 x 64 at 8 warps spills 376 / 616 bytes per
+    thread in gate_up / down, 64 x 64 x 128 at 4 warps 816 / 488, 32 x 64 x 128 at 4 warps 48 / 0); their
+    speed is unmeasured, a starting point to tune on a GPU. The JSON table is not read: its entries were measured
+    for the W4A16 kernels.
+    """
+    per_expert = num_tokens * top_k / num_experts
+    bm = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
+    tile = GemmTile(block_m=bm, block_n=64, block_k=128, num_warps=4 if bm == 16 else 8, num_stages=3)
+    return KernelConfig(path="grouped", gate_up=tile, down=tile)
+
+
 def select_config(num_experts: int, hidden: int, inter: int, top_k: int, num_tokens: int,
                   explicit: KernelConfig | None = None) -> KernelConfig:
     """The config a call uses (lookup order in the module docstring)."""

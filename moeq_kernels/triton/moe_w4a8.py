@@ -10,9 +10,10 @@ What runs, for ``hidden [T, H]`` routed to ``k`` of ``E`` experts (``TK = T*k`` 
    its slots' tokens, and per K tile (``BLOCK_K <= group``: one weight scale per output column per tile)
    unpacks the expert's INT4 gate and up codes, subtracts the zero point (8, or ``qzeros``) in registers --
    ``q - z`` lies in [-15, 15], exact in int8 and in e4m3 -- and runs ``int8 x int8 -> int32`` (or
-   ``e4m3 x e4m3 -> fp32``) ``tl.dot`` from a zero accumulator. The tile's partial sums are multiplied by the
-   group's weight scales and added to fp32 accumulators; the token scale multiplies the finished sums; SwiGLU
-   (rounded like the reference) writes ``h [TK, I]`` in the activation dtype.
+   ``e4m3 x e4m3 -> fp32``) ``tl.dot`` from a zero accumulator, transposed: ``(Q - Z) [BLOCK_N, BLOCK_K] @
+   codes^T [BLOCK_K, BLOCK_M]``. The tile's partial sums are multiplied by the group's weight scales and added
+   to fp32 accumulators ``[BLOCK_N, BLOCK_M]``; the token scale multiplies the finished sums; SwiGLU (rounded
+   like the reference) writes ``h [TK, I]`` in the activation dtype.
 4. ``rotate_quantize_rows(h, act2)`` (online Hadamard on) or ``quantize_rows(h, act2)``: per-slot codes
    ``hq [TK, I]`` and scales ``hs [TK]`` of the down input, defined after the Hadamard.
 5. ``_down_w4a8_kernel``, grid ``(num_blocks, cdiv(H, BLOCK_N), SPLIT_K)``: the same GEMM over ``hq``, writing
@@ -28,6 +29,14 @@ every ``BLOCK_K <= 128`` products is the same promotion interval DeepSeek-V3 use
 The reference backend rounds its dequantized activations to the activation dtype before its matmuls; the
 kernel does not (it multiplies exact codes), so the two differ by about one 16-bit rounding per operand.
 
+Why transposed (weights x tokens): on sm_90 Triton lowers the dot to ``wgmma`` with the left operand in
+registers and the right one in shared memory. The weight tile is made in registers (unpacked, zero-point
+subtracted), so as the left operand it goes to the tensor cores without a round trip through shared memory,
+while the activation codes take the pipelined global -> shared path; the tokens sit on the MMA N dimension
+(8..256), so blocks of 16 tokens waste nothing. Checked in the sm_90 compile (TTGIR: ``warp_group_dot`` with
+a ``dot_op`` register operand, for int8 and e4m3), and it lowers spilling: gate_up 64 x 64 x 64 at 4 warps
+spills 208 bytes per thread instead of 408 untransposed, 128 x 128 x 64 at 8 warps 1136 instead of 1720.
+
 Why the per-group scale is applied per tile and not per token-row before the dot: the weight scale varies
 along N and along K (groups), the token scale along M; a tensor-core dot can only take unscaled codes, so the
 scales go on its output -- ``BLOCK_M x BLOCK_N`` FMAs per ``BLOCK_M x BLOCK_N x BLOCK_K`` MACs, which is why
@@ -39,33 +48,33 @@ nor e4m3. INT4 activations (W4A4) are not handled (the reference backend runs th
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
 
 from moeq_kernels.act_quant import ActSpec
 from moeq_kernels.experts import ExpertWeights
-from moeq_kernels.triton.configs import GemmTile, KernelConfig, fit_block_k_w4a8, select_config
+from moeq_kernels.triton.configs import (GemmTile, KernelConfig, fit_block_k_w4a8, pinned_config,
+                                        w4a8_default_config)
 from moeq_kernels.triton.moe_act_quant import quantize_rows, rotate_quantize_rows
 from moeq_kernels.triton.moe_align import moe_align_triton
 from moeq_kernels.triton.moe_prefill import _BLOCK_R, _reduce_kernel
 from moeq_kernels.triton.moe_tiles import swiglu, unpack_codes
 
-# Grouped tiles used when the call's config is a slot (decode) config: W4A8 has no GEMV path, so small T runs
-# the grouped kernels with the smallest M tile. Unmeasured starting point, to tune on a GPU.
-_SMALL_T_TILE = GemmTile(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
 
 
 @triton.jit
 def _scaled_tile_dot(a, qw_ptr, s_ptr, z_ptr, rows, row_mask, k0, KW, G, acc,
                      BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, FP8: tl.constexpr):
-    """``acc + (a @ (Q - Z)^T) * s``: one K tile of a W4A8 GEMM.
+    """``acc + ((Q - Z) @ a^T) * s``: one K tile of a W4A8 GEMM, computed transposed (see the module docstring).
 
     Args:
         a: activation codes ``[BLOCK_M, BLOCK_K]`` (int8, or fp8 e4m3 when ``FP8``).
         rows: int64 ``[BLOCK_N]`` flat weight rows ``e * N + n``; row_mask: bool ``[BLOCK_N]``.
         k0: first input feature of the tile; the tile lies in group ``k0 // GROUP`` (``GROUP % BLOCK_K == 0``).
-        KW, G: int32 words / groups per weight row. acc: fp32 ``[BLOCK_M, BLOCK_N]``.
+        KW, G: int32 words / groups per weight row. acc: fp32 ``[BLOCK_N, BLOCK_M]``.
     """
     wk = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     words = tl.load(qw_ptr + rows[:, None] * KW + wk[None, :], mask=row_mask[:, None], other=0)
@@ -78,10 +87,10 @@ def _scaled_tile_dot(a, qw_ptr, s_ptr, z_ptr, rows, row_mask, k0, KW, G, acc,
         z = tl.full(s.shape, 8, tl.int32)  # symmetric: the implicit zero point 2^(4-1)
     w = q - z[:, None]  # [-15, 15]: exact in int8 and e4m3
     if FP8:
-        part = tl.dot(a, tl.trans(w.to(tl.float16).to(tl.float8e4nv)))
+        part = tl.dot(w.to(tl.float16).to(tl.float8e4nv), tl.trans(a))
     else:
-        part = tl.dot(a, tl.trans(w.to(tl.int8)), out_dtype=tl.int32).to(tl.float32)
-    return acc + part * s[None, :]
+        part = tl.dot(w.to(tl.int8), tl.trans(a), out_dtype=tl.int32).to(tl.float32)
+    return acc + part * s[:, None]
 
 
 @triton.jit
@@ -104,18 +113,18 @@ def _gate_up_w4a8_kernel(xq_ptr, xs_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s
     gate_rows = e.to(tl.int64) * (2 * INTER) + n
     up_rows = gate_rows + INTER
     kk = tl.arange(0, BLOCK_K)
-    acc_g = tl.full([BLOCK_M, BLOCK_N], 0, tl.float32)
-    acc_u = tl.full([BLOCK_M, BLOCK_N], 0, tl.float32)
+    acc_g = tl.full([BLOCK_N, BLOCK_M], 0, tl.float32)  # transposed: weights rows x tokens
+    acc_u = tl.full([BLOCK_N, BLOCK_M], 0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_rows[:, None] + k0 + kk[None, :], mask=m_mask[:, None], other=0.0)
         acc_g = _scaled_tile_dot(a, qw_ptr, s_ptr, z_ptr, gate_rows, n_mask, k0, KW, G, acc_g,
                                  BLOCK_K, GROUP, HAS_Z, FP8)
         acc_u = _scaled_tile_dot(a, qw_ptr, s_ptr, z_ptr, up_rows, n_mask, k0, KW, G, acc_u,
                                  BLOCK_K, GROUP, HAS_Z, FP8)
-    ts = tl.load(xs_ptr + tok, mask=m_mask, other=0.0)[:, None]
+    ts = tl.load(xs_ptr + tok, mask=m_mask, other=0.0)[None, :]
     h = swiglu(acc_g * ts, acc_u * ts, h_ptr.dtype.element_ty)
-    h_ptrs = h_ptr + slots.to(tl.int64)[:, None] * INTER + n[None, :]
-    tl.store(h_ptrs, h, mask=m_mask[:, None] & n_mask[None, :])
+    h_ptrs = h_ptr + slots.to(tl.int64)[None, :] * INTER + n[:, None]
+    tl.store(h_ptrs, h, mask=m_mask[None, :] & n_mask[:, None])
 
 
 @triton.jit
@@ -137,14 +146,14 @@ def _down_w4a8_kernel(hq_ptr, hs_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_pt
     n_mask = n < N
     rows = e.to(tl.int64) * N + n
     kk = tl.arange(0, BLOCK_K)
-    acc = tl.full([BLOCK_M, BLOCK_N], 0, tl.float32)
+    acc = tl.full([BLOCK_N, BLOCK_M], 0, tl.float32)  # transposed: weights rows x slots
     k_start = pid_k * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         a = tl.load(a_rows[:, None] + k0 + kk[None, :], mask=m_mask[:, None], other=0.0)
         acc = _scaled_tile_dot(a, qw_ptr, s_ptr, z_ptr, rows, n_mask, k0, KW, G, acc, BLOCK_K, GROUP, HAS_Z, FP8)
-    ts = tl.load(hs_ptr + slots, mask=m_mask, other=0.0)[:, None]
-    p_ptrs = part_ptr + (pid_k * TK + slots).to(tl.int64)[:, None] * N + n[None, :]
-    tl.store(p_ptrs, acc * ts, mask=m_mask[:, None] & n_mask[None, :])
+    ts = tl.load(hs_ptr + slots, mask=m_mask, other=0.0)[None, :]
+    p_ptrs = part_ptr + (pid_k * TK + slots).to(tl.int64)[None, :] * N + n[:, None]
+    tl.store(p_ptrs, acc * ts, mask=m_mask[None, :] & n_mask[:, None])
 
 
 def gate_up_w4a8(xq, xs, align, w13, h, tile: GemmTile, block_k: int, top_k: int) -> None:
@@ -179,11 +188,15 @@ def down_w4a8(hq, hs, align, w2, tile: GemmTile, block_k: int) -> torch.Tensor:
     return part
 
 
-def w4a8_config(cfg: KernelConfig) -> KernelConfig:
-    """``cfg`` if it is a grouped config, else grouped tiles for small T (:data:`_SMALL_T_TILE`)."""
-    if cfg.path == "grouped":
-        return cfg
-    return KernelConfig(path="grouped", gate_up=_SMALL_T_TILE, down=_SMALL_T_TILE, hadamard_warps=cfg.hadamard_warps)
+def w4a8_config(num_experts: int, hidden: int, inter: int, top_k: int, num_tokens: int,
+                explicit: KernelConfig | None) -> KernelConfig:
+    """The W4A8 launch config: ``explicit``, else the pinned config, else ``configs.w4a8_default_config``.
+    A slot (decode) config keeps its Hadamard warps and gets the default grouped tiles: W4A8 has no GEMV path."""
+    cfg = explicit if explicit is not None else pinned_config()
+    default = w4a8_default_config(num_experts, hidden, inter, top_k, num_tokens)
+    if cfg is None:
+        return default
+    return cfg if cfg.path == "grouped" else replace(default, hadamard_warps=cfg.hadamard_warps)
 
 
 def w4a8_reason(weights: ExpertWeights) -> str | None:
@@ -210,7 +223,7 @@ def fused_experts_w4a8(x, top_k_index, ids, wts, w13, w2, weights: ExpertWeights
         raise ValueError(why)
     t, hidden = x.shape
     top_k, num_experts, inter = top_k_index.shape[-1], w13.num_experts, w2.k
-    cfg = w4a8_config(select_config(num_experts, hidden, inter, top_k, t, config))
+    cfg = w4a8_config(num_experts, hidden, inter, top_k, t, config)
     bk13 = fit_block_k_w4a8(cfg.gate_up.block_k, w13.k, w13.group)
     bk2 = fit_block_k_w4a8(cfg.down.block_k, w2.k, w2.group)
     if bk13 is None or bk2 is None:

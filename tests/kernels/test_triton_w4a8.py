@@ -34,11 +34,12 @@ from moeq_kernels.packing import PackedWeight, pack  # noqa: E402
 from moeq_kernels.reference.hadamard import hadamard_ref  # noqa: E402
 from moeq_kernels.reference.w4a8 import w4a8_pipeline_f64  # noqa: E402
 from moeq_kernels.triton import fused_experts_supports  # noqa: E402
-from moeq_kernels.triton.configs import GemmTile, KernelConfig, fit_block_k_w4a8  # noqa: E402
+from moeq_kernels.triton import configs  # noqa: E402
+from moeq_kernels.triton.configs import GemmTile, KernelConfig, fit_block_k_w4a8, w4a8_default_config  # noqa: E402
 from moeq_kernels.triton.moe_act_quant import quantize_rows, rotate_quantize_rows  # noqa: E402
 from moeq_kernels.triton.moe_align import moe_align_triton  # noqa: E402
 from moeq_kernels.triton.moe_gemm import PackedArgs, fused_experts_triton, interpreting  # noqa: E402
-from moeq_kernels.triton.moe_w4a8 import down_w4a8, gate_up_w4a8  # noqa: E402
+from moeq_kernels.triton.moe_w4a8 import down_w4a8, gate_up_w4a8, w4a8_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ("int", "fp8_e4m3")
@@ -215,6 +216,20 @@ def test_split_k_and_default_configs():
     assert _rel(fused_experts_triton(x, idx, wts, w), split) < PIPE_TOL[x.dtype]
     one = fused_experts_triton(x[:1], idx[:1], wts[:1], w)
     assert _rel(one, w4a8_pipeline_f64(x[:1], idx[:1], wts[:1], w)) < PIPE_TOL[x.dtype]
+
+
+def test_w4a8_config_choice():
+    # M tile from slots per expert, capped at 64 (Mixtral T=2048: 512 per expert); explicit and pinned configs
+    # win; a slot (decode) config gets grouped tiles but keeps its Hadamard warps; the W4A16 JSON table is not read.
+    assert w4a8_default_config(8, 4096, 14336, 2, 2048).gate_up == GemmTile(64, 64, 128, 1, 8, 3)
+    assert w4a8_default_config(128, 2048, 768, 8, 16).down == GemmTile(16, 64, 128, 1, 4, 3)
+    assert w4a8_config(4, 64, 96, 2, 3, CFG) == CFG
+    with configs.pinned(SPLIT_K):
+        assert w4a8_config(4, 64, 96, 2, 3, None) == SPLIT_K
+    cfg = w4a8_config(4, 64, 96, 2, 3, KernelConfig(path="slot", hadamard_warps=8))
+    assert cfg.path == "grouped" and cfg.hadamard_warps == 8
+    assert fit_block_k_w4a8(128, 96, 32) == 32 and fit_block_k_w4a8(128, 4096, 128) == 128
+    assert fit_block_k_w4a8(128, 96, 48) is None and fit_block_k_w4a8(128, 64, 16) is None
 
 
 # ------------------------------------------------------------------------------------- supports / dispatch
