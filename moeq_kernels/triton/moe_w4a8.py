@@ -54,7 +54,6 @@ import torch
 import triton
 import triton.language as tl
 
-from moeq_kernels.act_quant import ActSpec
 from moeq_kernels.experts import ExpertWeights
 from moeq_kernels.triton.configs import (GemmTile, KernelConfig, fit_block_k_w4a8, pinned_config,
                                         w4a8_default_config)
@@ -62,7 +61,6 @@ from moeq_kernels.triton.moe_act_quant import quantize_rows, rotate_quantize_row
 from moeq_kernels.triton.moe_align import moe_align_triton
 from moeq_kernels.triton.moe_prefill import _BLOCK_R, _reduce_kernel
 from moeq_kernels.triton.moe_tiles import swiglu, unpack_codes
-
 
 
 @triton.jit
@@ -233,12 +231,11 @@ def fused_experts_w4a8(x, top_k_index, ids, wts, w13, w2, weights: ExpertWeights
     xq, xs = quantize_rows(x, weights.act13)
     h = torch.empty((t * top_k, inter), dtype=x.dtype, device=x.device)
     gate_up_w4a8(xq, xs, align, w13, h, cfg.gate_up, bk13, top_k)
-    act2: ActSpec = weights.act2
     if weights.online_hadamard:
-        hq, hs = rotate_quantize_rows(h, act2, exact_dots=interp, ids=ids, num_experts=num_experts,
+        hq, hs = rotate_quantize_rows(h, weights.act2, exact_dots=interp, ids=ids, num_experts=num_experts,
                                       num_warps=cfg.hadamard_warps)
     else:
-        hq, hs = quantize_rows(h, act2, ids=ids, num_experts=num_experts)
+        hq, hs = quantize_rows(h, weights.act2, ids=ids, num_experts=num_experts)
     part = down_w4a8(hq, hs, align, w2, cfg.down, bk2)
     _reduce_kernel[(t, triton.cdiv(hidden, _BLOCK_R))](
         part, ids, wts, out, t * top_k, hidden, num_experts, top_k, SPLIT_K=part.shape[0], BLOCK_R=_BLOCK_R,

@@ -128,7 +128,7 @@ def main() -> int:
     JITFunction.run = _compile_launch
     from dataclasses import replace
 
-    from moeq_kernels.triton.configs import select_config
+    from moeq_kernels.triton.configs import select_config, w4a8_default_config
     from moeq_kernels.triton.hadamard import hadamard_triton
 
     shapes = {"Mixtral-8x7B": (8, 4096, 14336, 2), "Qwen3-30B-A3B": (128, 2048, 768, 8),
@@ -156,7 +156,7 @@ def main() -> int:
         e, h, i, k = shapes["OLMoE-1B-7B"]
         for kw in (dict(dtype=torch.float16, asym=True), dict(group=32), dict(group=-1)):
             _experts_case(e, h, i, k, 256, act=act, **kw)
-        cfg = select_config(e, h, i, k, 256)
+        cfg = w4a8_default_config(e, h, i, k, 256)
         _experts_case(e, h, i, k, 256, act=act, config=replace(cfg, down=replace(cfg.down, split_k=2)))
     for n in (768, 1408, 1024, 14336, 4096):  # the standalone Hadamard op
         for dtype in (torch.bfloat16, torch.float32):
