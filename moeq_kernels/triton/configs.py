@@ -211,11 +211,13 @@ def w4a8_default_config(num_experts: int, hidden: int, inter: int, top_k: int, n
 
     ``block_m`` follows the mean slots per expert as in :func:`default_config`, capped at 64; ``block_k`` 128 (a
     g128 group per tile: one scale FMA pass per 128 MACs); ``block_n`` 64. Warps: 4 at ``block_m`` 16, else 8.
-    These are the tiles that compile without register spills for sm_90 in the static compile
-    (benchmarks/results/triton_sm90_resources.md: e.g. 128 x 64 x 64 at 8 warps spills 376 / 616 bytes per
-    thread in gate_up / down, 64 x 64 x 128 at 4 warps 816 / 488, 32 x 64 x 128 at 4 warps 48 / 0); their
-    speed is unmeasured, a starting point to tune on a GPU. The JSON table is not read: its entries were measured
-    for the W4A16 kernels.
+    Chosen because they compile for sm_90 without register spills, but for asymmetric zeros at ``block_m`` 64
+    (72 bytes per thread in gate_up) (static compile of candidate tiles with
+    ``tests/kernels/triton_compile_sm90.py``'s recorder, 2026-12-02; the chosen ones are listed in
+    benchmarks/results/triton_sm90_resources.md), where e.g. 128 x 64 x 64 at 8 warps and 2 stages spills 136 bytes
+    per thread in gate_up, 64 x 64 x 128 at 4 warps 816 / 488 (gate_up / down), 32 x 64 x 128 at 4 warps 48 / 0.
+    Their speed is unmeasured: a starting point to tune on a GPU. The JSON table is not read: its entries were
+    measured for the W4A16 kernels.
     """
     per_expert = num_tokens * top_k / num_experts
     bm = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
