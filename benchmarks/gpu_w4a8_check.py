@@ -66,7 +66,8 @@ def w4a8(w13: PackedWeight, w2: PackedWeight, fmt: str, hadamard: bool) -> Exper
 
 def stacks_of(model, dtype=torch.bfloat16):
     e, h, i, k = gkc.SHAPES[model]
-    return (PackedWeight(*gkc.big_stack(e, 2 * i, h, dtype), 4, 128), PackedWeight(*gkc.big_stack(e, h, i, dtype), 4, 128))
+    return (PackedWeight(*gkc.big_stack(e, 2 * i, h, dtype), 4, 128),
+            PackedWeight(*gkc.big_stack(e, h, i, dtype), 4, 128))
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -183,7 +184,8 @@ def bench_shape(model, tokens) -> None:
 def markdown() -> str:
     cols = ["w4a16_us", "w4a8_int_us", "w4a8_fp8_e4m3_us", "w4a8_int_had_us", "w4a8_fp8_e4m3_had_us",
             "quantize_int_us", "grouped_mm_us", "w4a8_int_x_vs_grouped_mm", "w4a8_fp8_e4m3_x_vs_grouped_mm"]
-    lines = ["| shape | T | bf16 floor us | 8-bit floor us | " + " | ".join(cols) + " |", "|" + "---|" * (4 + len(cols))]
+    lines = ["| shape | T | bf16 floor us | 8-bit floor us | " + " | ".join(cols) + " |",
+             "|" + "---|" * (4 + len(cols))]
     for r in RESULTS["bench"]:
         vals = [gkc.fmt(r.get(c), ".2f" if c.endswith("grouped_mm") else ".1f") for c in cols]
         lines.append(f"| {r['model']} | {r['T']} | {r['bf16_floor_us']:.1f} | {r['int8_floor_us']:.1f} | "
