@@ -14,9 +14,9 @@ codes) for 8-bit ``int`` (int8 codes) and ``fp8_e4m3`` (``torch.float8_e4m3fn`` 
 Why a separate quantize launch and not a quantizing gather prologue in the GEMM: the per-token scale needs the
 absmax of the whole row before the first K tile, and every ``(M block, N block)`` program of the GEMM reads its
 rows' full K. A prologue would redo the absmax pass and the division per element in all ``cdiv(N, BLOCK_N)``
-N-block programs (gate_up: ``2I / BLOCK_N`` = 224 times per row on Mixtral, 12-24 on the small-expert
-shapes) and in each of the ``k`` slots of a token, and it would read 16-bit activations (2 bytes per element
-per program) instead of 1-byte codes. The separate kernel reads ``T*H`` 16-bit values once and writes ``T*H``
+N-block programs (gate_up: ``I / BLOCK_N`` = 224 times per row on Mixtral at ``BLOCK_N`` 64, 12-22 on the
+small-expert shapes) and in each of the ``k`` slots of a token, and it would read 16-bit activations (2 bytes
+per element per program) instead of 1-byte codes. The separate kernel reads ``T*H`` 16-bit values once and writes ``T*H``
 bytes (Mixtral T=2048: 25 MB, ~8 us at 3 TB/s, < 0.5% of a ~2-4 ms prefill layer) and halves every GEMM
 program's activation reads. The down input is produced by the gate_up epilogue, whose programs each own only
 ``BLOCK_N`` of the ``I`` columns of a row, so its absmax needs a pass over the finished row anyway; the
