@@ -191,7 +191,8 @@ def fused_experts_supports(device: torch.device, **attrs) -> str | None:
     (``moe_decode_unsupported`` in csrc/moe_decode.cu) so dispatch falls back instead of raising.
     """
     if attrs.get("act13") is not None or attrs.get("act2") is not None:
-        return "activation quantization (W4A8/W4A4) runs on the reference backend only"
+        return ("the CUDA kernels do not quantize activations (8-bit W4A8 runs on the triton backend, W4A4 on the "
+                "reference)")
     if attrs.get("w13_bits") != DECODE_BITS or attrs.get("w2_bits") != DECODE_BITS:
         return f"bits {attrs.get('w13_bits')}/{attrs.get('w2_bits')}: the CUDA decode kernel is 4-bit only"
     dtype = attrs.get("dtype")

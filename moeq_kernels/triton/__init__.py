@@ -1,7 +1,8 @@
 """Triton implementations of moeq_kernels ops; registered as the ``triton`` backend by :func:`register_all`.
 
 Modules: :mod:`.moe_gemm` (``fused_experts_triton``, the entry point), :mod:`.moe_decode` (slot/GEMV path),
-:mod:`.moe_prefill` (grouped ``tl.dot`` path), :mod:`.moe_align` (routing sort of the grouped path),
+:mod:`.moe_prefill` (grouped ``tl.dot`` path), :mod:`.moe_w4a8` (W4A8 grouped path, with
+:mod:`.moe_act_quant` its activation quantizers), :mod:`.moe_align` (routing sort of the grouped paths),
 :mod:`.moe_hadamard` (online Hadamard), :mod:`.moe_tiles` (dequant helpers),
 :mod:`.configs` (launch configs, pinning, JSON table).
 
@@ -17,7 +18,7 @@ import os
 import torch
 
 from moeq_kernels import backends
-from moeq_kernels.triton.configs import fit_block_k, plan_reason
+from moeq_kernels.triton.configs import fit_block_k, fit_block_k_w4a8, plan_reason
 
 _KERNEL_BITS = (4, 8)
 _ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -43,7 +44,7 @@ def fused_experts_supports(device: torch.device, **attrs) -> str | None:
             # "explicit" (backend != "auto") in attrs; without it every CPU call under the interpreter runs here.
             return "on CPU the Triton interpreter runs only when backend='triton' is named"
     if attrs.get("act13") is not None or attrs.get("act2") is not None:
-        return "activation quantization (W4A8/W4A4) runs on the reference backend only"
+        return _w4a8_reason(attrs)
     for name in ("w13_bits", "w2_bits"):
         if attrs.get(name) not in _KERNEL_BITS:
             return f"{name}={attrs.get(name)} not in {_KERNEL_BITS}"
@@ -55,6 +56,28 @@ def fused_experts_supports(device: torch.device, **attrs) -> str | None:
         g = _group(k, gs)
         if k <= 0 or g <= 0 or k % g or fit_block_k(512, k, g) is None:
             return f"{what}: K={k} with group size {gs} has no K tile (needs K a multiple of 16 and groups aligned)"
+    if attrs.get("online_hadamard"):
+        return plan_reason(inter)
+    return None
+
+
+def _w4a8_reason(attrs: dict) -> str | None:
+    """The W4A8 kernels' (``moe_w4a8``) part of :func:`fused_experts_supports`: None or why not."""
+    act13, act2 = attrs.get("act13"), attrs.get("act2")
+    if act13 is None or act2 is None or act13.bits != 8 or act2.bits != 8:
+        return (f"the Triton W4A8 kernels quantize both expert inputs to 8 bits (int or fp8_e4m3); got act13={act13}, "
+                f"act2={act2} (other activation formats run on the reference backend)")
+    if attrs.get("w13_bits") != 4 or attrs.get("w2_bits") != 4:
+        return f"the Triton W4A8 kernels need 4-bit weights, got w13_bits={attrs.get('w13_bits')}, w2_bits={attrs.get('w2_bits')}"
+    if attrs.get("dtype") not in _ACT_DTYPES:
+        return f"activation dtype {attrs.get('dtype')} is not float16/bfloat16"
+    hidden, inter = attrs.get("hidden_dim", 0), attrs.get("intermediate_dim", 0)
+    for what, k, gs in (("gate_up", hidden, attrs.get("w13_group_size", -1)),
+                        ("down", inter, attrs.get("w2_group_size", -1))):
+        g = _group(k, gs)
+        if k <= 0 or g <= 0 or k % g or fit_block_k_w4a8(512, k, g) is None:
+            return (f"W4A8 {what}: K={k} with group size {gs} has no K tile (8-bit dots need a power-of-two tile "
+                    ">= 32 that divides the group and K)")
     if attrs.get("online_hadamard"):
         return plan_reason(inter)
     return None

@@ -201,6 +201,30 @@ def default_config(num_experts: int, hidden: int, inter: int, top_k: int, num_to
     return KernelConfig(path="grouped", gate_up=gate_up, down=down)
 
 
+def pinned_config() -> KernelConfig | None:
+    """The config pinned with :func:`pin_config`, or None."""
+    return _PINNED
+
+
+def w4a8_default_config(num_experts: int, hidden: int, inter: int, top_k: int, num_tokens: int) -> KernelConfig:
+    """Heuristic tiles of the W4A8 grouped kernels (``moe_w4a8``), at every T (W4A8 has no slot path).
+
+    ``block_m`` follows the mean slots per expert as in :func:`default_config`, capped at 64; ``block_k`` 128 (a
+    g128 group per tile: one scale FMA pass per 128 MACs); ``block_n`` 64. Warps: 4 at ``block_m`` 16, else 8.
+    Chosen because they compile for sm_90 without register spills, but for asymmetric zeros at ``block_m`` 64
+    (72 bytes per thread in gate_up) (static compile of candidate tiles with
+    ``tests/kernels/triton_compile_sm90.py``'s recorder, 2026-12-02; the chosen ones are listed in
+    benchmarks/results/triton_sm90_resources.md), where e.g. 128 x 64 x 64 at 8 warps and 2 stages spills 136 bytes
+    per thread in gate_up, 64 x 64 x 128 at 4 warps 816 / 488 (gate_up / down), 32 x 64 x 128 at 4 warps 48 / 0.
+    Their speed is unmeasured: a starting point to tune on a GPU. The JSON table is not read: its entries were
+    measured for the W4A16 kernels.
+    """
+    per_expert = num_tokens * top_k / num_experts
+    bm = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
+    tile = GemmTile(block_m=bm, block_n=64, block_k=128, num_warps=4 if bm == 16 else 8, num_stages=3)
+    return KernelConfig(path="grouped", gate_up=tile, down=tile)
+
+
 def select_config(num_experts: int, hidden: int, inter: int, top_k: int, num_tokens: int,
                   explicit: KernelConfig | None = None) -> KernelConfig:
     """The config a call uses (lookup order in the module docstring)."""
@@ -225,6 +249,17 @@ def fit_block_k(requested: int, k: int, group: int) -> int | None:
         if bk <= max(requested, BLOCK_K_CHOICES[-1]) and k % bk == 0 and (group % bk == 0 or bk % group == 0):
             return bk
     return None
+
+
+def fit_block_k_w4a8(requested: int, k: int, group: int) -> int | None:
+    """K tile of the W4A8 GEMMs (``moe_w4a8``): :func:`fit_block_k` capped at the group size (a tile lies in
+    one quantization group, so one weight scale per output column multiplies its dot) and at least 32 (the
+    smallest K of an 8-bit ``tl.dot``); None if none fits.
+
+    Args as :func:`fit_block_k`.
+    """
+    bk = fit_block_k(min(requested, group), k, group)
+    return bk if bk is not None and bk >= 32 and group % bk == 0 else None
 
 
 # The two-factor row tilings of the MoE online Hadamard (the op moeq::hadamard_transform has its own

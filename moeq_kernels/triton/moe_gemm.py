@@ -10,6 +10,8 @@ and ``torch.compile(fullgraph=True)`` (the custom op is opaque to the compiler):
   the rotation in the down kernel's prologue).
 * ``grouped`` path (prefill, :mod:`moe_prefill`): ``moe_align`` -> gate_up ``tl.dot`` + SwiGLU ->
   [Hadamard] -> down ``tl.dot`` (optional split-K) -> deterministic weighted reduce (4-5 launches).
+* W4A8 (``weights.act13`` / ``act2`` set, :mod:`moe_w4a8`): the grouped structure with per-token 8-bit
+  activation codes (int8 or fp8 e4m3) on 8-bit tensor-core dots, at every T (6 launches).
 
 The path and tiles come from :mod:`moeq_kernels.triton.configs` (JSON table keyed by shape and token
 bucket, pinnable). Intermediate buffers: ``h [T*k, I]`` in the activation dtype (gate_up output, rotated
@@ -30,6 +32,7 @@ from moeq_kernels.triton.moe_align import moe_align_triton
 from moeq_kernels.triton.moe_decode import launch_slot
 from moeq_kernels.triton.moe_hadamard import rotate_rows_
 from moeq_kernels.triton.moe_prefill import launch_grouped
+from moeq_kernels.triton.moe_w4a8 import fused_experts_w4a8
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_BITS = (4, 8)
@@ -147,6 +150,10 @@ def fused_experts_triton(
     out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
     if t == 0 or top_k == 0:
         return out.zero_()
+    if weights.act13 is not None or weights.act2 is not None:
+        return fused_experts_w4a8(hidden.contiguous(), top_k_index, top_k_index.reshape(-1).contiguous(),
+                                  top_k_weights.reshape(-1).contiguous(), w13, w2, weights, out, config,
+                                  interpreting())
     cfg = select_config(w13.num_experts, hdim, inter, top_k, t, config)
     bk13 = _block_k(cfg.gate_up.block_k, w13, "gate_up")
     bk2 = _block_k(cfg.down.block_k, w2, "down")

@@ -60,25 +60,48 @@ def row_factor(r: int, r_pad: int, device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def _rotate_rows_kernel(h_ptr, hr_ptr, ids_ptr, N, E, scale,
-                        R: tl.constexpr, C: tl.constexpr, R_PAD: tl.constexpr, C_PAD: tl.constexpr,
-                        SPLITS_IN: tl.constexpr, SPLITS_MID: tl.constexpr, HAS_IDS: tl.constexpr):
-    # The whole row is read into registers before anything is stored, so rotating in place is safe.
+def rotated_row(row, hr_ptr, scale, R: tl.constexpr, C: tl.constexpr, R_PAD: tl.constexpr, C_PAD: tl.constexpr,
+                SPLITS_IN: tl.constexpr, SPLITS_MID: tl.constexpr):
+    """fp32 ``[C_PAD, R_PAD]``: the row at ``row`` (``X [R, C]`` row-major) rotated and scaled, transposed
+    (entry ``[c, r]`` is output ``r * C + c``); padding entries are 0. ``hr_ptr``: :func:`row_factor`."""
     DTYPE: tl.constexpr = tl.float32 if SPLITS_IN == 0 else tl.bfloat16
-    if HAS_IDS:
-        e = tl.load(ids_ptr + tl.program_id(0))
-        if (e < 0) | (e >= E):
-            return  # a sentinel slot's row was never written: nothing to rotate
     r = tl.arange(0, R_PAD)
     c = tl.arange(0, C_PAD)
-    row = h_ptr + tl.program_id(0).to(tl.int64) * N
     mask = (r < R)[:, None] & (c < C)[None, :]
     x = tl.load(row + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
     y = contract_last(x, sylvester_tile(C_PAD, C, DTYPE), DTYPE, SPLITS_IN)  # X @ H_C, [R_PAD, C_PAD]
     hr = tl.load(hr_ptr + r[:, None] * R_PAD + r[None, :]).to(DTYPE)
     zt = contract_last(tl.trans(y), hr, DTYPE, SPLITS_MID)  # (H_R^T X H_C)^T, [C_PAD, R_PAD]
-    out = (zt * scale).to(h_ptr.dtype.element_ty)
-    tl.store(row + r[None, :] * C + c[:, None], out, mask=tl.trans(mask))
+    return zt * scale
+
+
+@triton.jit
+def _rotate_rows_kernel(h_ptr, hr_ptr, ids_ptr, N, E, scale,
+                        R: tl.constexpr, C: tl.constexpr, R_PAD: tl.constexpr, C_PAD: tl.constexpr,
+                        SPLITS_IN: tl.constexpr, SPLITS_MID: tl.constexpr, HAS_IDS: tl.constexpr):
+    # The whole row is read into registers before anything is stored, so rotating in place is safe.
+    if HAS_IDS:
+        e = tl.load(ids_ptr + tl.program_id(0))
+        if (e < 0) | (e >= E):
+            return  # a sentinel slot's row was never written: nothing to rotate
+    row = h_ptr + tl.program_id(0).to(tl.int64) * N
+    out = rotated_row(row, hr_ptr, scale, R, C, R_PAD, C_PAD, SPLITS_IN, SPLITS_MID).to(h_ptr.dtype.element_ty)
+    r = tl.arange(0, R_PAD)
+    c = tl.arange(0, C_PAD)
+    tl.store(row + r[None, :] * C + c[:, None], out, mask=(r < R)[None, :] & (c < C)[:, None])
+
+
+def rotation_launch(n: int, dtype: torch.dtype, exact_dots: bool, num_warps: int = 0) -> dict:
+    """The constexprs and ``num_warps`` of a rotation kernel for rows of length ``n`` in ``dtype``."""
+    plan = rotation_plan(n)
+    if exact_dots:
+        splits_in, splits_mid = 0, 0
+    else:
+        # A bf16 row is exact in one bf16 term; fp16 needs two (11 significant bits > bf16's 8).
+        splits_in, splits_mid = (1 if dtype == torch.bfloat16 else 2), 2
+    warps = num_warps or (8 if plan.r_pad * plan.c_pad > 4096 else 4)
+    return dict(R=plan.r, C=plan.c, R_PAD=plan.r_pad, C_PAD=plan.c_pad, SPLITS_IN=splits_in, SPLITS_MID=splits_mid,
+                num_warps=warps)
 
 
 def rotate_rows_(h: torch.Tensor, exact_dots: bool, num_warps: int = 0,
@@ -94,15 +117,7 @@ def rotate_rows_(h: torch.Tensor, exact_dots: bool, num_warps: int = 0,
     rows, n = h.shape
     if rows == 0:
         return h
-    plan = rotation_plan(n)
-    if exact_dots:
-        splits_in, splits_mid = 0, 0
-    else:
-        # A bf16 row is exact in one bf16 term; fp16 needs two (11 significant bits > bf16's 8).
-        splits_in, splits_mid = (1 if h.dtype == torch.bfloat16 else 2), 2
-    warps = num_warps or (8 if plan.r_pad * plan.c_pad > 4096 else 4)
-    _rotate_rows_kernel[(rows,)](h, row_factor(plan.r, plan.r_pad, h.device), h if ids is None else ids, n, num_experts,
-                                 1.0 / math.sqrt(n), R=plan.r, C=plan.c, R_PAD=plan.r_pad, C_PAD=plan.c_pad,
-                                 SPLITS_IN=splits_in, SPLITS_MID=splits_mid, HAS_IDS=ids is not None,
-                                 num_warps=warps)
+    kw = rotation_launch(n, h.dtype, exact_dots, num_warps)
+    _rotate_rows_kernel[(rows,)](h, row_factor(kw["R"], kw["R_PAD"], h.device), h if ids is None else ids, n,
+                                 num_experts, 1.0 / math.sqrt(n), HAS_IDS=ids is not None, **kw)
     return h

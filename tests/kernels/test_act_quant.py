@@ -93,9 +93,17 @@ def test_reference_fused_experts_quantizes_both_inputs(hadamard):
     assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()
 
 
-def test_fast_backends_refuse_activation_specs():
+def test_fast_backends_refuse_activation_specs_they_do_not_implement():
+    # Triton runs W4A8 (both inputs 8-bit; tests/kernels/test_triton_w4a8.py); a lone act13 or 4-bit
+    # activations stay on the reference, and the CUDA kernels quantize no activations at all.
+    from moeq_kernels import _cuda
     from moeq_kernels.triton import fused_experts_supports
 
-    attrs = _weights(ActSpec(8), None).dispatch_attrs(torch.zeros(1, 64, dtype=torch.float16),
-                                                      torch.zeros(1, 2, dtype=torch.long), explicit=True)
-    assert "reference backend only" in fused_experts_supports(torch.device("cuda"), **attrs)
+    def attrs(act13, act2):
+        return _weights(act13, act2).dispatch_attrs(torch.zeros(1, 64, dtype=torch.float16),
+                                                    torch.zeros(1, 2, dtype=torch.long), explicit=True)
+
+    assert "8 bits" in fused_experts_supports(torch.device("cuda"), **attrs(ActSpec(8), None))
+    assert "8 bits" in fused_experts_supports(torch.device("cuda"), **attrs(ActSpec(4), ActSpec(4)))
+    assert fused_experts_supports(torch.device("cuda"), **attrs(ActSpec(8), ActSpec(8, "fp8_e4m3"))) is None
+    assert "do not quantize" in _cuda.fused_experts_supports(torch.device("cuda"), **attrs(ActSpec(8), ActSpec(8)))

@@ -25,7 +25,13 @@ def test_every_launch_compiles_for_sm90():
     assert proc.returncode == 0, tail
     summary = proc.stdout.strip().splitlines()[-1]
     compiled = int(summary.split()[1])
-    # 4 shapes x (decode + prefill) x Hadamard modes, format variants, the standalone Hadamard: about 50.
-    assert compiled >= 40 and summary.endswith("0 failed"), tail
+    # 4 shapes x (decode + prefill) x Hadamard modes, format variants, the standalone Hadamard: about 50;
+    # the W4A8 launches (two formats) about 45 more.
+    assert compiled >= 80 and summary.endswith("0 failed"), tail
     # The fused-Hadamard down kernel is among them, at every real intermediate size on the slot path.
     assert proc.stdout.count("_down_slot_rot_kernel") >= 4, tail
+    # The W4A8 GEMMs compile in both formats (e4m3 dots need sm_89+), with their quantize kernels.
+    for kernel in ("_gate_up_w4a8_kernel", "_down_w4a8_kernel"):
+        for fp8 in ("FP8=False", "FP8=True"):
+            assert sum(kernel in line and fp8 in line for line in proc.stdout.splitlines()) >= 3, tail
+    assert "_rotate_quant_rows_kernel" in proc.stdout and "_quant_rows_kernel" in proc.stdout, tail

@@ -31,7 +31,8 @@ from triton.runtime.jit import JITFunction
 
 TARGET = GPUTarget("cuda", 90, 32)
 TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
-            torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1"}
+            torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1", torch.int8: "i8",
+            torch.float8_e4m3fn: "fp8e4nv"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 SEEN: dict = {}
@@ -105,16 +106,18 @@ def _stack(e, n, k, bits, group, dtype, asym):
 
 
 def _experts_case(e, h, i, k, t, dtype=torch.bfloat16, bits=4, group=128, asym=False, hadamard=False,
-                  config=None):
+                  config=None, act=None):
+    """One fused_experts_triton call; ``act``: None (W4A16) or the W4A8 format of both inputs (int / fp8_e4m3)."""
     from moeq_kernels.experts import ExpertWeights
     from moeq_kernels.triton.moe_gemm import fused_experts_triton
 
     x = torch.zeros(t, h, dtype=dtype)
     idx = torch.stack([torch.arange(k) for _ in range(t)])
     w = torch.ones(t, k)
+    acts = {} if act is None else dict(act13_bits=8, act13_format=act, act2_bits=8, act2_format=act)
     weights = ExpertWeights.from_op_args(*_stack(e, 2 * i, h, bits, group, dtype, asym),
                                          *_stack(e, h, i, bits, group, dtype, asym), bits, group, bits, group,
-                                         "silu", hadamard)
+                                         "silu", hadamard, **acts)
     fused_experts_triton(x, idx, w, weights, config=config)
 
 
@@ -125,7 +128,7 @@ def main() -> int:
     JITFunction.run = _compile_launch
     from dataclasses import replace
 
-    from moeq_kernels.triton.configs import select_config
+    from moeq_kernels.triton.configs import select_config, w4a8_default_config
     from moeq_kernels.triton.hadamard import hadamard_triton
 
     shapes = {"Mixtral-8x7B": (8, 4096, 14336, 2), "Qwen3-30B-A3B": (128, 2048, 768, 8),
@@ -143,6 +146,18 @@ def main() -> int:
             _experts_case(e, h, i, k, t, hadamard=t == 1, **kw)
     cfg = select_config(e, h, i, k, 256)
     _experts_case(e, h, i, k, 256, config=replace(cfg, down=replace(cfg.down, split_k=2)))
+    # W4A8 (both formats; e4m3 dots need sm_89+): the prefill bucket of the four shapes with the Hadamard, the
+    # decode bucket (grouped tiles swapped in) and without it; format variants on OLMoE.
+    for act in ("int", "fp8_e4m3"):
+        for name, (e, h, i, k) in shapes.items():
+            _experts_case(e, h, i, k, 2048, hadamard=True, act=act)
+            if name in ("Mixtral-8x7B", "Qwen3-30B-A3B"):
+                _experts_case(e, h, i, k, 1, act=act)
+        e, h, i, k = shapes["OLMoE-1B-7B"]
+        for kw in (dict(dtype=torch.float16, asym=True), dict(group=32), dict(group=-1)):
+            _experts_case(e, h, i, k, 256, act=act, **kw)
+        cfg = w4a8_default_config(e, h, i, k, 256)
+        _experts_case(e, h, i, k, 256, act=act, config=replace(cfg, down=replace(cfg.down, split_k=2)))
     for n in (768, 1408, 1024, 14336, 4096):  # the standalone Hadamard op
         for dtype in (torch.bfloat16, torch.float32):
             hadamard_triton(torch.zeros(64, n, dtype=dtype), 1.0)
