@@ -8,22 +8,36 @@ Each sample starts from a random printable first token and grows by a beam searc
 2. all ``W*K`` candidates are run through the model as one batch (one token each on a shared
    ``DynamicCache``), so the routing of the candidate token itself is known: forward hooks on each MoE
    block's router add its top-k experts to the candidate's usage counts;
-3. each candidate is scored ``score = mean_logprob - cv / tau`` and the ``W`` best survive.
+3. each candidate is scored ``score = mean_logprob - B / tau`` and the ``W`` best survive.
 
-``mean_logprob`` is the mean log-probability of the sequence's tokens after the random first one (fluency);
-``cv`` (:func:`expert_usage_cv`) is the mean over MoE layers of the coefficient of variation
-``std(count, ddof=1) / mean(count)`` of the candidate's expert usage counts across the layer's E experts.
+``mean_logprob`` is the mean log-probability of the sequence's tokens after the random first one (fluency).
+``B`` is the balance term, by ``balance``:
 
-Sign convention: a lower cv means a flatter expert load, which is what EBSS wants (every expert sees
-calibration tokens), so cv is *subtracted*; ``tau`` is a temperature: large ``tau`` = fluency only, small
+* ``"marginal"`` (default): the mean over the sequence's tokens of :func:`balance_gain`, each token's
+  first-order effect on the squared expert-usage cv of the *dataset* it joins (the samples accepted so far,
+  the other samples' best beams and its own beam), standardized so that a uniformly random routing scores
+  0 +- 1 at cv 1 for any expert count E and top-k. Negative for tokens routed to under-used experts.
+* ``"sample"``: :func:`expert_usage_cv` of the candidate's own counts (MoEQuant's per-sequence balance);
+* ``"dataset"``: the cv of the dataset the candidate joins, on the per-sample scale.
+
+Sign convention: a lower B means a flatter expert load, which is what EBSS wants (every expert sees
+calibration tokens), so B is *subtracted*; ``tau`` is a temperature: large ``tau`` = fluency only, small
 ``tau`` = balance dominates.
 
-Why cv, and how it relates to MoEQuant's sigma: MoEQuant scores ``std`` of the usage *fractions*
-(:func:`expert_balance_sigma`). Since ``mean(count) = sum(count) / E``, ``cv = E * sigma`` exactly: the two
-rank candidates of one step identically, but at a fixed ``tau`` sigma's weight shrinks like ``1/E``: a load
-collapsed onto k of the E experts has ``sigma ~ 1/sqrt(E*k)`` but ``cv ~ sqrt(E/k)``, a balanced one 0 in both,
-so one sigma-``tau`` is a strong balance at E=8 and almost none at E=128. Like sigma, cv is on the per-token
-scale at every length; ``sigma/tau_old`` with E experts is ``cv/tau`` with ``tau = E*tau_old``.
+Relation to MoEQuant's sigma: MoEQuant scores ``std`` of the usage *fractions* (:func:`expert_balance_sigma`).
+Since ``mean(count) = sum(count) / E``, ``cv = E * sigma`` exactly: the two rank candidates of one step
+identically, but at a fixed ``tau`` sigma's weight shrinks like ``1/E``: a load collapsed onto k of the E
+experts has ``sigma ~ 1/sqrt(E*k)`` but ``cv ~ sqrt(E/k)``, a balanced one 0 in both. The marginal gain is,
+up to terms shared by all candidates, ``N E^2 / sd`` times the first-order change of ``sigma^2 / 2`` (``N``
+dataset tokens, ``sd`` the random-routing std, see :func:`balance_gain`).
+
+Why not the cv itself at large E (measured on skew-routed 64/128-expert models, ``benchmarks/results/
+ebss_sweep.md``): one token moves the cv by the *mean* over its k experts, whose spread across candidates
+shrinks like ``1/sqrt(k)`` (half at k=8 of that at k=2), and even with the balance term alone (tau -> 0),
+4 candidates per beam did not go below ~0.8x the unguided cv at E=128. So the gain is standardized over k
+and the default takes 2x more candidates. Its square-law objective (the MoE training load-balancing loss)
+stops paying fluency for balance once a load is flat, which the cv does not (at E=8 the cv term bought
+0.38x for -0.7 nats/token).
 The default ``tau`` was chosen by measurement across expert counts 8-128 (``benchmarks/ebss_sweep.py``).
 
 Finished samples are checked for degeneration (:func:`degeneracy`): a zlib compression ratio of the text
@@ -56,25 +70,31 @@ logger = logging.getLogger(__name__)
 # E = 64-128 (skew-routed) it reaches 0.82-0.90x, and halving tau buys only ~0.03 more for -0.3 nats/token.
 DEFAULT_TAU = 0.25
 BALANCES = ("marginal", "dataset", "sample")
+CANDIDATES_PER_BEAM = 2
 
 
 @dataclass(frozen=True)
 class EBSSConfig:
-    """EBSS settings. ``candidates`` per beam defaults to ``beam``; ``batch`` samples are searched at once
-    (``batch*beam*candidates`` rows per forward); ``max_attempts`` caps generated samples (default 4x)."""
+    """EBSS settings. ``candidates`` per beam defaults to ``CANDIDATES_PER_BEAM * beam``; ``batch`` samples are
+    searched at once (``batch*beam*candidates`` rows per forward); ``max_attempts`` caps generated samples
+    (default 4x)."""
 
     nsamples: int = 128
     seqlen: int = 256
     beam: int = 4
     candidates: int | None = None
     tau: float = DEFAULT_TAU
-    balance: str = "sample"
+    balance: str = "marginal"
     temperature: float = 1.0
     batch: int = 8
     seed: int = 0
     min_compression: float = 0.2
     loop_window: int | None = None
     max_attempts: int | None = None
+
+    @property
+    def num_candidates(self) -> int:
+        return self.candidates or CANDIDATES_PER_BEAM * self.beam
 
     def validate(self) -> None:
         if self.nsamples < 1 or self.seqlen < 2 or self.beam < 1 or self.batch < 1:
@@ -252,7 +272,7 @@ def _search(model: nn.Module, tap: RouterTap, first: torch.Tensor, cfg: EBSSConf
 
     dev = next(model.parameters()).device
     G, W = first.numel(), cfg.beam
-    K = cfg.candidates or cfg.beam
+    K = cfg.num_candidates
     cache = DynamicCache()
     tokens = first.to(dev).repeat_interleave(W)[:, None]  # [G*W, 1]
     logits = model(input_ids=tokens, past_key_values=cache, use_cache=True).logits[:, -1].float()
@@ -345,7 +365,7 @@ def ebss_generate(model: nn.Module, tokenizer=None, config: EBSSConfig | None = 
         "expert_tokens": (layer_token_stats(total_counts, len(samples) * cfg.seqlen, tap.layers)
                           if total_counts is not None else None),
         "mean_logprob": sum(s["mean_logprob"] for s in samples) / max(len(samples), 1),
-        "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg),
+        "seconds": round(time.perf_counter() - t0, 2), "config": {**asdict(cfg), "candidates": cfg.num_candidates},
     }
     logger.info("ebss: %d samples accepted, %d generated, rejected %s; dataset cv %s, mean log-prob %.4f",
                 len(samples), attempts, rejected, summary["dataset_cv"], summary["mean_logprob"])
