@@ -1,7 +1,8 @@
 """EBSS balance temperature sweep across expert counts: usage CV vs unguided sampling, fluency, degeneration.
 
-    python benchmarks/ebss_sweep.py     # 42 min on a loaded 2-core box (1 thread)
-                                        # writes benchmarks/results/ebss_sweep.{md,json}
+    python benchmarks/ebss_sweep.py --seeds 0 1   # ~25 min on a shared 2-core box (1 thread)
+                                                  # writes benchmarks/results/ebss_sweep.{md,json}
+    python benchmarks/ebss_sweep.py --merge a.json b.json   # one table from runs split over processes
 
 Models (fixed before the sweep, not tuned on its results):
 
@@ -13,10 +14,9 @@ Models (fixed before the sweep, not tuned on its results):
   checkpoints. ``lm_head`` is multiplied by 16 so the next-token distributions are peaked (unguided mean
   log-prob about -1.3 nats/token, close to a trained model's) and fluency and balance really trade off.
 
-Per model and setting: ``--nsamples`` x ``--seqlen`` EBSS samples (beam 4, 4 candidates per beam, batch 16)
-for each sampling seed. ``tau = inf`` is the unguided beam sampler (balance term off); ``sigma@0.05`` is
-MoEQuant's sigma term at the former default tau 0.05 (run as cv with ``tau = 0.05 * E``, the exact
-equivalent). Columns: dataset usage CV (mean over layers of std/mean of the expert counts of all accepted
+Per model and setting (``--settings BALANCE:K:TAU``): ``--nsamples`` x ``--seqlen`` EBSS samples (beam 4,
+K candidates per beam, batch 16) for each sampling seed. ``tau = inf`` is the unguided beam sampler (balance
+term off). Columns: dataset usage CV (mean over layers of std/mean of the expert counts of all accepted
 samples) relative to unguided; mean log-prob of accepted samples; degenerate rate (rejected / generated);
 min tokens per expert (over layers) and few-token experts (under 0.5% of the layer's tokens, all layers).
 """
@@ -48,6 +48,10 @@ from moeq.models import adapter_for  # noqa: E402
 from moeq.testing import tiny_model, tiny_tokenizer  # noqa: E402
 
 SKEW_BETA, LM_SCALE = 1.0, 16.0
+# unguided; the former default (cv of each sample's counts, 4 candidates per beam, tau 0.25); the marginal
+# squared-cv gain (moeq.calib.ebss.balance_gain) at 4 / 8 / 16 candidates and a few taus
+DEFAULT_SETTINGS = ["sample:4:inf", "sample:4:0.25", "marginal:4:0.3", "marginal:8:0.5", "marginal:8:0.3",
+                    "marginal:8:0.2", "marginal:16:0.3"]
 # (name, family, tiny-config overrides); top-k as in the family's real checkpoints where the tiny dims allow
 MODELS = [
     ("mixtral E8 k2", "mixtral", dict(num_local_experts=8, num_experts_per_tok=2)),
@@ -75,9 +79,12 @@ def skew_routed(family: str, overrides: dict, seed: int = 0):
     return model
 
 
-def settings(taus: list[float], num_experts: int) -> list[tuple[str, float]]:
-    return ([("unguided", math.inf), ("sigma@0.05", 0.05 * num_experts)]
-            + [(f"cv@{t:g}", t) for t in taus])
+def parse_setting(spec: str) -> tuple[str, str, int, float]:
+    """``"BALANCE:K:TAU"`` (e.g. ``marginal:8:0.3``; ``TAU`` may be ``inf``) -> ``(label, balance, K, tau)``."""
+    balance, k, tau = spec.split(":")
+    t = float(tau)
+    label = "unguided" if math.isinf(t) else f"{balance} K{int(k)} @{t:g}"
+    return label, balance, int(k), t
 
 
 def run_model(name, model, tok, args, plain_ids=None) -> list[dict]:
@@ -86,15 +93,15 @@ def run_model(name, model, tok, args, plain_ids=None) -> list[dict]:
     tap = RouterTap(model)
     E, layers = tap.num_experts, tap.layers
     rows = []
-    for label, tau in settings(args.taus, E):
+    for label, balance, K, tau in map(parse_setting, args.settings):
         for seed in args.seeds:
             t0 = time.perf_counter()
-            cfg = EBSSConfig(nsamples=args.nsamples, seqlen=args.seqlen, beam=4, candidates=4, tau=tau, batch=16,
-                             seed=seed)
+            cfg = EBSSConfig(nsamples=args.nsamples, seqlen=args.seqlen, beam=4, candidates=K, tau=tau, batch=16,
+                             seed=seed, balance=balance)
             s = ebss_generate(model, tok, cfg, progress=False).summary
             counts = torch.tensor(s["expert_counts"])
-            rows.append({"model": name, "E": E, "k": tap.top_k, "setting": label, "seed": seed,
-                         "tau": tau if math.isfinite(tau) else "inf",
+            rows.append({"model": name, "E": E, "k": tap.top_k, "setting": label, "balance": balance,
+                         "candidates": K, "seed": seed, "tau": tau if math.isfinite(tau) else "inf",
                          "cv": s["dataset_cv"], "mean_logprob": s["mean_logprob"], "accepted": s["accepted"],
                          "generated": s["generated"], "rejected": s["rejected_total"],
                          "tokens": summarize_layers(s["expert_tokens"]), "counts": counts.tolist(),
@@ -141,15 +148,16 @@ def aggregate(rows: list[dict]) -> list[dict]:
 def markdown(res: dict) -> str:
     m = res["meta"]
     out = ["# EBSS balance sweep across expert counts", "",
-           (f"{m['nsamples']} samples x {m['seqlen']} tokens per run, beam 4 x 4 candidates, sampling seeds "
+           (f"{m['nsamples']} samples x {m['seqlen']} tokens per run, beam 4 x K candidates, sampling seeds "
             f"{', '.join(map(str, m['seeds']))} (ratios and log-probs are seed means; `range` = min-max of the "
             f"per-seed CV ratios). Skew-routed tiny models: router rows x exp({SKEW_BETA:g} g_e), lm_head x "
             f"{LM_SCALE:g} (see `benchmarks/ebss_sweep.py`). Python {m['python']}, torch {m['torch']}, 1 thread, "
-            f"commit {m['commit']}, {m['date']}, {m['seconds']:.0f}s."), "", f"Command: `{m['command']}`", "",
+            f"commit {m['commit']}, {m['date']}, {m['seconds']:.0f}s."), "", "Command: " + (m["command"] if "`" in m["command"] else f"`{m['command']}`"), "",
            ("`CV / unguided`: dataset expert-usage CV (mean over MoE layers of std/mean of the counts) divided by "
             "the same model's unguided beam samples (tau = inf). `few-token experts`: experts under 0.5% of the "
-            "layer's tokens, summed over layers, of `experts` (layers x E). `sigma@0.05`: MoEQuant's sigma term "
-            "at the former default (= cv with tau 0.05 E)."), "",
+            "layer's tokens, summed over layers, of `experts` (layers x E). `sample K4 @0.25`: the former default "
+            "(cv of each sample's own counts); `marginal`: the squared-cv gain of each token against the dataset "
+            "it joins (`moeq.calib.ebss.balance_gain`)."), "",
            "| model | E | k | setting | CV | CV / unguided (range) | mean log-prob | degenerate | min tokens/expert "
            "| few-token experts |", "|---|---|---|---|---|---|---|---|---|---|"]
     for a in res["table"]:
@@ -161,15 +169,42 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def write(res: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+
+
+def merge(paths: list[str], out: Path) -> int:
+    """One table from result files of the same script run as several processes (their meta must agree on the
+    sample sizes); the merged meta lists every part's command and the sum of their times."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    metas = [p["meta"] for p in parts]
+    if len({(m["nsamples"], m["seqlen"]) for m in metas}) != 1:
+        raise ValueError("the parts were run with different --nsamples / --seqlen")
+    rows = [r for p in parts for r in p["rows"]]
+    meta = {**metas[0], "seeds": sorted({s for m in metas for s in m["seeds"]}),
+            "seconds": sum(m["seconds"] for m in metas), "command": " and ".join(f"`{m['command']}`" for m in metas)
+            + f" in parallel, then `python benchmarks/ebss_sweep.py --merge ...`"}
+    write({"rows": rows, "table": aggregate(rows), "meta": meta}, out)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--taus", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
+    ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, metavar="BALANCE:K:TAU",
+                    help="balance term, candidates per beam and tau of each run (tau inf = unguided)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--models", nargs="*", default=None, help="subset of model names (default: demo + all)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ebss_sweep"))
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="no runs: aggregate the rows of these result files into one table at --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -187,13 +222,9 @@ def main(argv=None) -> int:
     res = {"rows": rows, "table": aggregate(rows), "meta": {
         "date": datetime.date.today().isoformat(), "commit": git_commit(), "python": platform.python_version(),
         "torch": torch.__version__, "nsamples": args.nsamples, "seqlen": args.seqlen, "seeds": args.seeds,
-        "taus": args.taus, "seconds": round(time.perf_counter() - t0, 1),
+        "settings": args.settings, "seconds": round(time.perf_counter() - t0, 1),
         "command": " ".join(["python benchmarks/ebss_sweep.py", *sys.argv[1:]])}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    out.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write(res, Path(args.out))
     return 0
 
 

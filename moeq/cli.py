@@ -144,17 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nsamples", type=int, default=128)
     c.add_argument("--seqlen", type=int, default=512)
     c.add_argument("--beam", type=int, default=4, help="beam width W")
-    c.add_argument("--candidates", type=int, default=None, help="next-token candidates per beam (default: --beam)")
+    c.add_argument("--candidates", type=int, default=None,
+                   help="next-token candidates per beam (default: 2x --beam; more = more balance per nat, slower)")
     c.add_argument("--tau", type=float, default=EBSS_DEFAULT_TAU,
-                   help="balance temperature: score = mean log-prob - cv/tau, cv = std/mean of the sample's expert "
-                        "usage counts (same scale at any expert count). Smaller = more balanced, less fluent. "
-                        f"Default {EBSS_DEFAULT_TAU:g} (benchmarks/results/ebss_sweep.md: usage CV 0.4-0.8x of "
-                        "unguided sampling at E = 8-32, 0.8-0.9x at E = 64-128). To pick: compare the summary's "
-                        "per-layer min tokens / few-token experts with --compare-text; lower tau (e.g. halve it) "
-                        "while they improve and mean log-prob stays near that of real text; raise it if samples "
-                        "are rejected as degenerate. 'inf' = no balance term")
-    c.add_argument("--balance", default="sample", choices=["sample", "dataset"],
-                   help="cv of each sample's own routing (MoEQuant) or of the dataset it joins")
+                   help="balance temperature: score = mean log-prob - B/tau, B = each token's standardized gain "
+                        "in the dataset's squared expert-usage cv (same scale at any expert count and top-k). "
+                        f"Smaller = more balanced, less fluent. Default {EBSS_DEFAULT_TAU:g}, one value for all "
+                        "models (benchmarks/results/ebss_sweep.md: usage CV <= 0.8x of unguided sampling at "
+                        "E = 8-128). To pick: compare the summary's per-layer min tokens / few-token experts "
+                        "with --compare-text; lower tau (e.g. halve it) while they improve and mean log-prob "
+                        "stays near that of real text; raise it if samples are rejected as degenerate. "
+                        "'inf' = no balance term")
+    c.add_argument("--balance", default="marginal", choices=["marginal", "dataset", "sample"],
+                   help="B: each token's gain against the dataset it joins (default), the cv of the dataset, or "
+                        "the cv of each sample's own routing (MoEQuant; tau values differ between the three)")
     c.add_argument("--compare-text", metavar="FILE", default=None,
                    help="also report tokens per expert of plain-text calibration of the same size (random windows "
                         "of FILE) in the summary, next to the EBSS samples'")

@@ -8,22 +8,36 @@ Each sample starts from a random printable first token and grows by a beam searc
 2. all ``W*K`` candidates are run through the model as one batch (one token each on a shared
    ``DynamicCache``), so the routing of the candidate token itself is known: forward hooks on each MoE
    block's router add its top-k experts to the candidate's usage counts;
-3. each candidate is scored ``score = mean_logprob - cv / tau`` and the ``W`` best survive.
+3. each candidate is scored ``score = mean_logprob - B / tau`` and the ``W`` best survive.
 
-``mean_logprob`` is the mean log-probability of the sequence's tokens after the random first one (fluency);
-``cv`` (:func:`expert_usage_cv`) is the mean over MoE layers of the coefficient of variation
-``std(count, ddof=1) / mean(count)`` of the candidate's expert usage counts across the layer's E experts.
+``mean_logprob`` is the mean log-probability of the sequence's tokens after the random first one (fluency).
+``B`` is the balance term, by ``balance``:
 
-Sign convention: a lower cv means a flatter expert load, which is what EBSS wants (every expert sees
-calibration tokens), so cv is *subtracted*; ``tau`` is a temperature: large ``tau`` = fluency only, small
+* ``"marginal"`` (default): the mean over the sequence's tokens of :func:`balance_gain`, each token's
+  first-order effect on the squared expert-usage cv of the *dataset* it joins (the samples accepted so far,
+  the other samples' best beams and its own beam), standardized so that a uniformly random routing scores
+  0 +- 1 at cv 1 for any expert count E and top-k. Negative for tokens routed to under-used experts.
+* ``"sample"``: :func:`expert_usage_cv` of the candidate's own counts (MoEQuant's per-sequence balance);
+* ``"dataset"``: the cv of the dataset the candidate joins, on the per-sample scale.
+
+Sign convention: a lower B means a flatter expert load, which is what EBSS wants (every expert sees
+calibration tokens), so B is *subtracted*; ``tau`` is a temperature: large ``tau`` = fluency only, small
 ``tau`` = balance dominates.
 
-Why cv, and how it relates to MoEQuant's sigma: MoEQuant scores ``std`` of the usage *fractions*
-(:func:`expert_balance_sigma`). Since ``mean(count) = sum(count) / E``, ``cv = E * sigma`` exactly: the two
-rank candidates of one step identically, but at a fixed ``tau`` sigma's weight shrinks like ``1/E``: a load
-collapsed onto k of the E experts has ``sigma ~ 1/sqrt(E*k)`` but ``cv ~ sqrt(E/k)``, a balanced one 0 in both,
-so one sigma-``tau`` is a strong balance at E=8 and almost none at E=128. Like sigma, cv is on the per-token
-scale at every length; ``sigma/tau_old`` with E experts is ``cv/tau`` with ``tau = E*tau_old``.
+Relation to MoEQuant's sigma: MoEQuant scores ``std`` of the usage *fractions* (:func:`expert_balance_sigma`).
+Since ``mean(count) = sum(count) / E``, ``cv = E * sigma`` exactly: the two rank candidates of one step
+identically, but at a fixed ``tau`` sigma's weight shrinks like ``1/E``: a load collapsed onto k of the E
+experts has ``sigma ~ 1/sqrt(E*k)`` but ``cv ~ sqrt(E/k)``, a balanced one 0 in both. The marginal gain is,
+up to terms shared by all candidates, ``N E^2 / sd`` times the first-order change of ``sigma^2 / 2`` (``N``
+dataset tokens, ``sd`` the random-routing std, see :func:`balance_gain`).
+
+Why not the cv itself at large E (measured on skew-routed 64/128-expert models, ``benchmarks/results/
+ebss_sweep.md``): one token moves the cv by the *mean* over its k experts, whose spread across candidates
+shrinks like ``1/sqrt(k)`` (half at k=8 of that at k=2), and even with the balance term alone (tau -> 0),
+4 candidates per beam did not go below ~0.8x the unguided cv at E=128. So the gain is standardized over k
+and the default takes 2x more candidates. Its square-law objective (the MoE training load-balancing loss)
+stops paying fluency for balance once a load is flat, which the cv does not (at E=8 the cv term bought
+0.38x for -0.7 nats/token).
 The default ``tau`` was chosen by measurement across expert counts 8-128 (``benchmarks/ebss_sweep.py``).
 
 Finished samples are checked for degeneration (:func:`degeneracy`): a zlib compression ratio of the text
@@ -51,30 +65,37 @@ from moeq.eval.routing import RouterTap
 logger = logging.getLogger(__name__)
 
 
-# Measured in benchmarks/results/ebss_sweep.md: the most fluent tau of the sweep that cuts the dataset's usage CV
-# to <= 0.8x the unguided beam samples at E = 8, 16, 32 and on the trained demo model (0 degenerate samples); at
-# E = 64-128 (skew-routed) it reaches 0.82-0.90x, and halving tau buys only ~0.03 more for -0.3 nats/token.
-DEFAULT_TAU = 0.25
-BALANCES = ("dataset", "sample")
+# Measured in benchmarks/results/ebss_sweep.md (2 seeds, marginal balance, 2x candidates): the more fluent of the
+# two swept taus (0.3, 0.2) that cuts the dataset's usage CV to <= 0.8x the unguided beam samples at E = 16 and at
+# every E >= 64 with <= 1/8 degenerate samples: 0.45x (E8) 0.64x (E16) 0.71x (E32) 0.77x / 0.72x (E64) 0.78x (E128),
+# 0.49x on the trained demo model, at most 3% degenerate.
+DEFAULT_TAU = 0.3
+BALANCES = ("marginal", "dataset", "sample")
+CANDIDATES_PER_BEAM = 2
 
 
 @dataclass(frozen=True)
 class EBSSConfig:
-    """EBSS settings. ``candidates`` per beam defaults to ``beam``; ``batch`` samples are searched at once
-    (``batch*beam*candidates`` rows per forward); ``max_attempts`` caps generated samples (default 4x)."""
+    """EBSS settings. ``candidates`` per beam defaults to ``CANDIDATES_PER_BEAM * beam``; ``batch`` samples are
+    searched at once (``batch*beam*candidates`` rows per forward); ``max_attempts`` caps generated samples
+    (default 4x)."""
 
     nsamples: int = 128
     seqlen: int = 256
     beam: int = 4
     candidates: int | None = None
     tau: float = DEFAULT_TAU
-    balance: str = "sample"
+    balance: str = "marginal"
     temperature: float = 1.0
     batch: int = 8
     seed: int = 0
     min_compression: float = 0.2
     loop_window: int | None = None
     max_attempts: int | None = None
+
+    @property
+    def num_candidates(self) -> int:
+        return self.candidates or CANDIDATES_PER_BEAM * self.beam
 
     def validate(self) -> None:
         if self.nsamples < 1 or self.seqlen < 2 or self.beam < 1 or self.batch < 1:
@@ -169,11 +190,53 @@ class EBSSResult:
     summary: dict
 
 
-def _balance_term(cand: torch.Tensor, beams: torch.Tensor, prior: torch.Tensor | None, balance: str) -> torch.Tensor:
-    """The cv each candidate is penalized by, float64 ``[G, W*K]``.
+def balance_gain(token: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Balance gain of one token (``"marginal"`` balance): how much it raises the dataset's squared usage cv.
 
     Args:
-        cand: usage counts of every candidate continuation ``[G, W*K, layers, E]``.
+        token: the token's routing ``[..., layers, E]``, 1 for each of its top-k experts (any numeric dtype).
+        reference: expert counts of the dataset the token joins ``[..., layers, E]`` (broadcast against ``token``).
+    Returns float64 ``[...]``: the mean over layers of ``sum_{e in S} (c_e / mean(c) - 1) / sqrt(k (E - k) / E)``,
+    ``S`` the token's ``k`` experts, ``c`` the reference counts (0 for a layer with an empty reference, or one the
+    token did not reach). Negative = the token's experts are under-used: it balances.
+
+    Derivation. The objective is ``cv^2 / 2`` per layer, ``cv = std(c, ddof=1) / mean(c)``:
+    ``E * sum_e f_e^2 = 1 + (E - 1) / E * cv^2`` for usage fractions ``f``, so it is the load-balancing loss MoE
+    models are trained with (Switch/GShard) up to constants, and ``cv^2 = E^2 sigma^2`` with MoEQuant's sigma
+    (std of the fractions). With ``N`` dataset tokens, ``m = mean(c)`` and relative loads ``r_e = c_e / m - 1``,
+    one token changes it by ``(E / (E - 1) * mean_{e in S} r_e - cv^2) / N`` to first order. Times ``N`` it is
+    free of the dataset size; ``-cv^2`` is the same for every candidate and ``E / (E - 1)`` ~ 1, both dropped.
+    ``mean_S r`` has std ``cv * sqrt((E - k) / (E k))`` over uniformly random k-subsets, which shrinks like
+    ``1/sqrt(k)`` (measured: the cv term's spread across one step's candidates was half as large at E=64 k=8
+    as at E=16 k=2, the log-prob's the same), so the gain is divided by that std at ``cv = 1``: a random token
+    scores about 0 +- cv at any E and k. Unlike a cv penalty, whose gradient keeps its size down to cv = 0, the
+    squared objective's gain shrinks with the imbalance left, so a model that is easy to balance does not keep
+    buying balance with fluency.
+    """
+    c = reference.to(torch.float64)
+    E = c.shape[-1]
+    m = c.mean(-1, keepdim=True)
+    r = torch.where(m > 0, c / m.clamp_min(1e-12) - 1.0, torch.zeros_like(c))
+    t = token.to(torch.float64)
+    k = t.sum(-1)
+    norm = (k * (E - k) / E).sqrt()
+    rsum = (t * r).sum(-1)
+    return torch.where(norm > 0, rsum / norm.clamp_min(1e-12), torch.zeros_like(rsum)).mean(-1)
+
+
+def _rest_of_dataset(beams: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+    """Counts of everything but sample g, ``[G, layers, E]``: the other samples' best beams (beam 0) plus
+    ``prior`` (samples accepted before this batch), from ``beams [G, W, layers, E]`` and ``prior [layers, E]``."""
+    best = beams[:, 0]
+    others = best.sum(0, keepdim=True) - best
+    return others + prior.to(others.device) if prior is not None else others
+
+
+def _balance_term(cand: torch.Tensor, beams: torch.Tensor, prior: torch.Tensor | None, balance: str) -> torch.Tensor:
+    """The balance each candidate is penalized by, float64 ``[G, W*K]``.
+
+    Args:
+        cand: usage counts of every candidate continuation ``[G, W*K, layers, E]`` (row ``w*K + j`` grows beam w).
         beams: counts of the beams they grow from ``[G, W, layers, E]`` (beam 0 = each sample's best so far).
         prior: counts of the samples accepted before this batch ``[layers, E]`` or None.
         balance: ``"sample"``: cv of the candidate's own counts (MoEQuant's per-sequence balance);
@@ -181,14 +244,17 @@ def _balance_term(cand: torch.Tensor, beams: torch.Tensor, prior: torch.Tensor |
             beams + the candidate), times ``total / own`` tokens, which puts the candidate's marginal effect on
             the dataset's cv back on the per-sample scale (the constant part is the same for every candidate
             of a sample, so it does not change the ranking) and keeps one ``tau`` meaning the same at any
-            dataset size.
+            dataset size; ``"marginal"``: :func:`balance_gain` of the candidate's *last token* against the
+            dataset it joins (prior + other samples' best beams + its parent beam); the search sums it over
+            the sequence's tokens.
     """
     if balance == "sample":
         return expert_usage_cv(cand)
-    best = beams[:, 0]
-    others = best.sum(0, keepdim=True) - best  # [G, layers, E]: the rest of the batch
-    if prior is not None:
-        others = others + prior.to(others.device)
+    others = _rest_of_dataset(beams, prior)
+    if balance == "marginal":
+        K = cand.shape[1] // beams.shape[1]
+        parent = beams.repeat_interleave(K, dim=1)  # [G, W*K, layers, E]
+        return balance_gain(cand - parent, parent + others[:, None])
     total = cand + others[:, None]
     scale = total.sum((-2, -1)).double() / cand.sum((-2, -1)).double().clamp_min(1.0)
     return expert_usage_cv(total) * scale
@@ -207,7 +273,7 @@ def _search(model: nn.Module, tap: RouterTap, first: torch.Tensor, cfg: EBSSConf
 
     dev = next(model.parameters()).device
     G, W = first.numel(), cfg.beam
-    K = cfg.candidates or cfg.beam
+    K = cfg.num_candidates
     cache = DynamicCache()
     tokens = first.to(dev).repeat_interleave(W)[:, None]  # [G*W, 1]
     logits = model(input_ids=tokens, past_key_values=cache, use_cache=True).logits[:, -1].float()
@@ -218,6 +284,7 @@ def _search(model: nn.Module, tap: RouterTap, first: torch.Tensor, cfg: EBSSConf
     # only beam 0 of each sample is live at first, so the W beams do not start as W copies
     cum = torch.full((G, W), float("-inf"), dtype=torch.float64, device=dev)
     cum[:, 0] = 0.0
+    cum_bal = torch.zeros((G, W), dtype=torch.float64, device=dev)  # summed balance_gain ("marginal")
     for step in range(1, cfg.seqlen):
         logp = torch.log_softmax(logits, dim=-1)  # [G*W, V]
         noise = -torch.log(-torch.log(torch.rand(logp.shape, generator=gen).clamp_(1e-20, 1.0)))
@@ -226,15 +293,20 @@ def _search(model: nn.Module, tap: RouterTap, first: torch.Tensor, cfg: EBSSConf
         logits = model(input_ids=cand.reshape(-1, 1), past_key_values=cache, use_cache=True).logits[:, -1].float()
         new_counts = counts.repeat_interleave(K, dim=0) + tap.counts().to(dev)  # [G*W*K, layers, E]
         new_cum = (cum.reshape(-1, 1) + cand_lp).reshape(G, W * K)
-        cv = _balance_term(new_counts.reshape(G, W * K, *counts.shape[1:]), counts.reshape(G, W, *counts.shape[1:]),
-                           prior, cfg.balance)
-        cand_score = new_cum / step - cv / cfg.tau  # -inf stays -inf for dead beams; tau=inf: fluency only
+        bal = _balance_term(new_counts.reshape(G, W * K, *counts.shape[1:]), counts.reshape(G, W, *counts.shape[1:]),
+                            prior, cfg.balance)
+        if cfg.balance == "marginal":  # per-token gains: the sequence's term is their mean, like the log-prob's
+            bal = (cum_bal.reshape(-1, 1) + bal.reshape(G * W, K)).reshape(G, W * K)
+            new_bal, bal = bal, bal / step
+        cand_score = new_cum / step - bal / cfg.tau  # -inf stays -inf for dead beams; tau=inf: fluency only
         _, sel = torch.topk(cand_score, W, dim=-1)  # [G, W], sorted best first
         keep = (sel + torch.arange(G, device=dev)[:, None] * (W * K)).reshape(-1)  # rows of the W*K batch
         if step + 1 < cfg.seqlen:
             cache.reorder_cache(keep.repeat_interleave(K))
         logits, counts = logits[keep], new_counts[keep]
         cum = new_cum.reshape(-1)[keep].reshape(G, W)
+        if cfg.balance == "marginal":
+            cum_bal = new_bal.reshape(-1)[keep].reshape(G, W)
         tokens = torch.cat([tokens[keep // K], cand.reshape(-1)[keep][:, None]], dim=1)
     best = torch.arange(G, device=dev) * W  # beam 0 = best score after the last topk
     mean_lp = cum[:, 0] / (cfg.seqlen - 1)
@@ -294,7 +366,7 @@ def ebss_generate(model: nn.Module, tokenizer=None, config: EBSSConfig | None = 
         "expert_tokens": (layer_token_stats(total_counts, len(samples) * cfg.seqlen, tap.layers)
                           if total_counts is not None else None),
         "mean_logprob": sum(s["mean_logprob"] for s in samples) / max(len(samples), 1),
-        "seconds": round(time.perf_counter() - t0, 2), "config": asdict(cfg),
+        "seconds": round(time.perf_counter() - t0, 2), "config": {**asdict(cfg), "candidates": cfg.num_candidates},
     }
     logger.info("ebss: %d samples accepted, %d generated, rejected %s; dataset cv %s, mean log-prob %.4f",
                 len(samples), attempts, rejected, summary["dataset_cv"], summary["mean_logprob"])

@@ -183,20 +183,23 @@ def _skew_routed(family, **overrides):
     return model
 
 
-def test_default_tau_balances_at_64_experts():
-    """The cv term at the default tau balances a 64-expert model; MoEQuant's sigma at its tau 0.05 (= cv at
-    tau 0.05*64) barely moves it, which is the 1/E weakness the cv term removes."""
+def test_default_search_balances_at_64_experts():
+    """The default search (marginal gain, default candidates and tau) balances a skew-routed 64-expert model
+    well below unguided sampling and below the former default (cv of each sample's own counts, tau 0.25,
+    candidates = beam), which the issue measured as too weak at E >= 64."""
     from moeq.testing import tiny_tokenizer
 
     model, tok = _skew_routed("olmoe", num_experts=64, num_experts_per_tok=8), tiny_tokenizer()
 
-    def cv(tau):
-        cfg = EBSSConfig(nsamples=8, seqlen=48, beam=3, candidates=3, tau=tau, batch=8, seed=0)
-        return ebss_generate(model, tok, cfg, progress=False).summary["dataset_cv"]
+    def run(**kw):
+        cfg = EBSSConfig(**{**dict(nsamples=8, seqlen=48, batch=8, seed=0), **kw})
+        return ebss_generate(model, tok, cfg, progress=False).summary
 
-    unguided, default, sigma_equiv = cv(float("inf")), cv(EBSSConfig().tau), cv(0.05 * 64)
-    assert default < 0.95 * unguided, (default, unguided)
-    assert default < sigma_equiv - 0.03, (default, sigma_equiv)
+    unguided, default = run(tau=float("inf")), run()
+    old = run(balance="sample", tau=0.25, candidates=EBSSConfig().beam)
+    assert default["config"]["balance"] == "marginal" and default["rejected_total"] == 0
+    assert default["dataset_cv"] < 0.85 * unguided["dataset_cv"], (default["dataset_cv"], unguided["dataset_cv"])
+    assert default["dataset_cv"] < old["dataset_cv"] - 0.03, (default["dataset_cv"], old["dataset_cv"])
 
 
 def test_dataset_balance_scores_the_candidate_joined_to_the_rest():
@@ -217,3 +220,64 @@ def test_dataset_balance_scores_the_candidate_joined_to_the_rest():
     torch.testing.assert_close(ebss_mod._balance_term(cand, beams, prior, "sample"), expert_usage_cv(cand))
     with pytest.raises(ValueError, match="balance must be one of"):
         EBSSConfig(balance="global").validate()
+
+
+def test_balance_gain_matches_a_hand_computation():
+    # one layer, E=4, top-2: reference counts mean 5, relative loads r = c/5 - 1 = [1, -0.6, 0.2, -0.6]
+    ref = torch.tensor([[10, 2, 6, 2]])
+    tok = torch.tensor([[0, 1, 0, 1]])  # the two under-used experts
+    norm = np.sqrt(2 * (4 - 2) / 4)  # sqrt(k (E - k) / E) = 1
+    assert float(ebss_mod.balance_gain(tok, ref)) == pytest.approx((-0.6 - 0.6) / norm, rel=1e-12)
+    assert float(ebss_mod.balance_gain(torch.tensor([[1, 0, 1, 0]]), ref)) == pytest.approx(1.2, rel=1e-12)
+    # two layers are averaged; a layer with an empty reference or without the token's routing adds 0
+    ref2 = torch.stack([ref[0], torch.zeros(4, dtype=torch.long)])
+    tok2 = torch.stack([tok[0], torch.tensor([1, 1, 0, 0])])
+    assert float(ebss_mod.balance_gain(tok2, ref2)) == pytest.approx(-1.2 / 2, rel=1e-12)
+    assert float(ebss_mod.balance_gain(torch.zeros(1, 4), ref)) == 0.0
+    # E=8, k=3: sqrt(3 * 5 / 8); counts scaled by 7 give the same gain (free of the dataset size)
+    ref8 = torch.tensor([[0, 4, 9, 1, 30, 2, 2, 0]])
+    tok8 = torch.tensor([[1, 0, 0, 1, 0, 0, 1, 0]])
+    r = ref8[0].double().numpy() / 6.0 - 1
+    want = (r[0] + r[3] + r[6]) / np.sqrt(3 * 5 / 8)
+    assert float(ebss_mod.balance_gain(tok8, ref8)) == pytest.approx(want, rel=1e-12)
+    assert float(ebss_mod.balance_gain(tok8, 7 * ref8)) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("E,k", [(8, 2), (12, 3), (16, 8)])
+def test_balance_gain_is_standardized_over_random_routings(E, k):
+    """Over every k-subset of E experts the gain has mean 0 and std equal to the reference's cv (so 1 at cv 1,
+    whatever E and k): the normalization that keeps one tau meaning the same at any expert count."""
+    import itertools
+
+    ref = torch.randint(0, 40, (1, E), generator=torch.Generator().manual_seed(E))
+    toks = torch.zeros(0, 1, E)
+    for S in itertools.combinations(range(E), k):
+        t = torch.zeros(1, 1, E)
+        t[0, 0, list(S)] = 1
+        toks = torch.cat([toks, t])
+    g = ebss_mod.balance_gain(toks, ref).numpy()
+    assert g.mean() == pytest.approx(0.0, abs=1e-12)
+    assert g.std() == pytest.approx(float(expert_usage_cv(ref)), rel=1e-12)
+
+
+def test_marginal_balance_scores_the_last_token_against_the_dataset_it_joins():
+    g = torch.Generator().manual_seed(1)
+    W, K = 2, 3
+    beams = torch.randint(0, 9, (3, W, 2, 8), generator=g)  # [G, W, layers, E]
+    step = torch.zeros(3, W * K, 2, 8, dtype=torch.long)  # one top-2 token per candidate and layer
+    for i in range(3):
+        for c in range(W * K):
+            for layer in range(2):
+                step[i, c, layer, torch.randperm(8, generator=g)[:2]] = 1
+    cand = beams.repeat_interleave(K, dim=1) + step
+    prior = torch.randint(0, 30, (2, 8), generator=g)
+    got = ebss_mod._balance_term(cand, beams, prior, "marginal")
+    for i in range(3):
+        others = prior + sum(beams[j, 0] for j in range(3) if j != i)
+        for c in range(W * K):
+            ref = others + beams[i, c // K]  # the candidate's parent beam is part of the dataset it joins
+            want = 0.0
+            for layer in range(2):
+                r = ref[layer].double() / ref[layer].double().mean() - 1
+                want += float(r[step[i, c, layer].bool()].sum()) / np.sqrt(2 * 6 / 8) / 2
+            assert float(got[i, c]) == pytest.approx(want, rel=1e-12)
