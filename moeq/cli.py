@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu",
                    help="compute device; the model streams from disk one decoder layer at a time")
     q.add_argument("--calib-device", default=None, help="compute device for calibration (default: --device)")
+    q.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="keep the calibration activations between layers in files under DIR instead of memory "
+                        "(one sample in memory at a time; same results)")
     _add_quant_args(q)
 
     e = sub.add_parser("eval", help="perplexity, routing agreement and lm-eval tasks of a (quantized) checkpoint")
@@ -220,7 +223,8 @@ def cmd_quantize(args) -> int:
         out, report = quantize_checkpoint(src, args.out, config, calib, dtype=parse_dtype(args.dtype),
                                           device=args.calib_device or args.device, tokenizer=tok,
                                           overwrite=args.overwrite, restart=args.restart,
-                                          calib_source=str(args.calib) if calib is not None else None)
+                                          calib_source=str(args.calib) if calib is not None else None,
+                                          offload_dir=args.offload_dir)
     else:
         out, report = _quantize_mixed(args, src, config, calib, tok)
     errs = [m.rel_error for m in report.modules]
