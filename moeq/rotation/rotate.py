@@ -132,5 +132,14 @@ def rotate_model(model: nn.Module, adapter: MoEAdapter, seed: int = 0, online_ha
         _rotate_layer(layer, adapter, q)
     _read(lm_head.weight, q)
     if online_hadamard:
-        for _, block in adapter.moe_layers(model):
-            _online_hadamard_down(block, adapter)
+        apply_online_hadamard(model, adapter)
+
+
+@torch.no_grad()
+def apply_online_hadamard(model: nn.Module, adapter: MoEAdapter) -> None:
+    """The offline half of the online Hadamard on every routed expert's down input (``W_down <- W_down H_I``).
+    ``rotate_model(online_hadamard=True)`` ends with it; smoothing composed with rotation calls it after folding
+    the down smoothing scales, so the runtime rotates the smoothed input: ``(h / s) H`` against
+    ``W diag(s) H``."""
+    for _, block in adapter.moe_layers(model):
+        _online_hadamard_down(block, adapter)
