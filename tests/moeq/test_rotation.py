@@ -5,13 +5,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import moeq
 from moeq.models import adapter_for
 from moeq.rotation import RotationError, rotate_model
 from moeq.testing import HadamardDownExperts, logits_and_routing, TINY_CONFIGS, tiny_model
-from moeq_kernels.reference import hadamard_ref
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
