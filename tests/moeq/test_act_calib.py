@@ -258,3 +258,36 @@ def test_gptq_with_act_hessian_quantized_differs_from_fp_hessians():
     moeq.quantize_model(fp_hess, moeq.QuantConfig(method="gptq", group_size=32), calib=CALIB)
     assert torch.equal(run("fp"), fp_hess.model.layers[0].mlp.experts.w13_qweight)  # QuaRot convention: same GPTQ
     assert not torch.equal(run("quantized"), fp_hess.model.layers[0].mlp.experts.w13_qweight)
+
+
+def test_mixed_precision_experts_carry_act_specs_through_a_checkpoint(tmp_path):
+    model = tiny_model("qwen3_moe")
+    plan = {f"model.layers.{i}.mlp.experts": {"gate_up": [4, 8] * 4, "down": [4, 8] * 4} for i in range(2)}
+    moeq.quantize_model(model, moeq.QuantConfig(group_size=32, expert_bits=plan, act_bits=8, act_clip_search=True),
+                        calib=CALIB)
+    ex = model.model.layers[0].mlp.experts
+    assert len(ex.groups) == 2 and all(g.act13 == ex.act13 and g.act13 is not None for g in ex.groups)
+    moeq.save_quantized(model, tmp_path / "ck")
+    loaded = moeq.load_quantized(tmp_path / "ck")
+    assert [g.act2 for g in loaded.model.layers[0].mlp.experts.groups] == [g.act2 for g in ex.groups]
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_cli_quantize_info_eval_with_fp8_activations(fp_dir, tmp_path, capsys):
+    from moeq.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("def add(a, b):\n    return a + b\n\n" * 40)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(fp_dir), "--out", str(out), "--group-size", "32", "--dtype", "float32",
+                 "--act-bits", "8", "--act-format", "fp8_e4m3", "--act-clip-search", "--calib", str(text),
+                 "--nsamples", "4", "--seqlen", "32"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "activations: fp8 e4m3 per token" in capsys.readouterr().out
+    assert main(["eval", "--model", str(out), "--ppl", str(text), "--seqlen", "64"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["quantize", "--model", str(fp_dir), "--out", str(tmp_path / "q2"), "--act-bits", "8",
+                 "--act-clip-search"]) == 2
+    assert "--act-clip-search needs --calib" in capsys.readouterr().err
