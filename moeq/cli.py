@@ -44,6 +44,17 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotate", action="store_true", help="QuaRot-style Hadamard rotation + online Hadamard on expert down inputs")
     p.add_argument("--no-online-hadamard", action="store_true", help="with --rotate: rotate the residual stream only")
     p.add_argument("--router-bits", type=int, choices=[8], default=None, help="round routers to 8 bits")
+    a = p.add_argument_group("activation quantization (dynamic per token, symmetric; evaluated on the reference backend)")
+    a.add_argument("--act-bits", type=int, choices=[4, 8], default=None,
+                   help="quantize the routed experts' inputs (gate_up; down after the online Hadamard) to this width")
+    a.add_argument("--act-format", default="int", choices=["int", "fp8_e4m3"], help="fp8_e4m3 needs --act-bits 8")
+    a.add_argument("--act-linears", nargs="*", default=[], choices=["attention", "shared_experts", "dense_mlp"],
+                   help="also quantize the inputs of these --quantize-linears groups")
+    a.add_argument("--act-clip", type=float, default=1.0, help="clip ratio of the per-token absmax, in (0, 1]")
+    a.add_argument("--act-clip-search", action="store_true",
+                   help="search each layer's clip ratios on --calib (output MSE vs 16-bit activations)")
+    a.add_argument("--act-hessian", default="fp", choices=["fp", "quantized"],
+                   help="gptq/agq Hessians from 16-bit inputs (QuaRot) or from act-quantized inputs")
     m = p.add_argument_group("mixed precision (routed experts)")
     m.add_argument("--mixed-budget", type=float, default=None, metavar="BITS", help="average bits per expert weight")
     m.add_argument("--mixed-levels", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"))
@@ -88,7 +99,9 @@ def _quant_config(args) -> QuantConfig:
                        expert_token_budget=args.expert_token_budget, smooth=args.smooth,
                        smooth_alpha=args.smooth_alpha, smooth_aggregation=args.smooth_aggregation,
                        rotation="hadamard" if args.rotate else None,
-                       online_hadamard=args.rotate and not args.no_online_hadamard)
+                       online_hadamard=args.rotate and not args.no_online_hadamard, act_bits=args.act_bits,
+                       act_format=args.act_format, act_linears=args.act_linears, act_clip=args.act_clip,
+                       act_clip_search=args.act_clip_search, act_hessian=args.act_hessian)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,10 +219,11 @@ def cmd_quantize(args) -> int:
     needs_calib = get_method(config.method).needs_calibration
     mixed_calib = args.mixed_budget is not None and args.mixed_score != "outlier"
     # smoothing always needs calibration text; 8-bit routers use it (KL-aligned clipping) when given
-    if needs_calib or config.smooth or mixed_calib or (config.router_bits == 8 and args.calib):
+    if (needs_calib or config.smooth or mixed_calib or config.act_clip_search
+            or (config.router_bits == 8 and args.calib)):
         if not args.calib:
             what = (f"--method {config.method}" if needs_calib else "--smooth" if config.smooth
-                    else f"--mixed-score {args.mixed_score}")
+                    else "--act-clip-search" if config.act_clip_search else f"--mixed-score {args.mixed_score}")
             raise ValueError(f"{what} needs --calib FILE (a text file)")
         if tok is None and not is_jsonl(args.calib):  # a .jsonl holds token ids already
             raise FileNotFoundError(f"no tokenizer in {src} to tokenize the calibration text")

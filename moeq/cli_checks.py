@@ -41,6 +41,7 @@ def check_quantize_args(args) -> None:
     check_positive(args, ("nsamples", "seqlen", "expert_token_budget"))
     check_device(args.device, "--device")
     check_device(args.calib_device, "--calib-device")
+    check_act_args(args)
     if not 0 < args.damp:
         raise ValueError(f"--damp must be > 0, got {args.damp}")
     if args.mixed_budget is not None and args.mixed_levels is not None:
@@ -53,6 +54,25 @@ def check_quantize_args(args) -> None:
             raise FileNotFoundError(f"--calib {p}: no such file")
         if p.stat().st_size == 0:
             raise ValueError(f"--calib {p} is empty")
+
+
+def check_act_args(args) -> None:
+    """Activation-quantization options that contradict each other, named by option."""
+    if args.act_bits is None:
+        for opt, bad in (("--act-format", args.act_format != "int"), ("--act-linears", bool(args.act_linears)),
+                         ("--act-clip-search", args.act_clip_search), ("--act-hessian", args.act_hessian != "fp"),
+                         ("--act-clip", args.act_clip != 1.0)):
+            if bad:
+                raise ValueError(f"{opt} needs --act-bits 8 or 4")
+        return
+    if args.act_format == "fp8_e4m3" and args.act_bits != 8:
+        raise ValueError(f"--act-format fp8_e4m3 is an 8-bit format; got --act-bits {args.act_bits}")
+    if not 0.0 < args.act_clip <= 1.0:
+        raise ValueError(f"--act-clip must be in (0, 1], got {args.act_clip}")
+    missing = sorted(set(args.act_linears) - set(args.quantize_linears))
+    if missing:
+        raise ValueError(f"--act-linears {' '.join(missing)}: only quantized linears get activation quantization; "
+                         "add them to --quantize-linears")
 
 
 def warn_positions(seqlen: int, config) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moeq_kernels.act_quant import ACT_FORMATS, ActSpec
 from moeq_kernels.packing import SUPPORTED_BITS
 
 QUANT_METHOD = "moeq"
@@ -14,6 +15,7 @@ FORMAT_VERSION = 2  # 2: shards carry config/layout/data digests (moeq.io.integr
 LINEAR_GROUPS = ("attention", "shared_experts", "dense_mlp")
 SMOOTH_AGGREGATIONS = ("max", "frequency", "router_prob")
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+ACT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)  # default act clip-search grid (1.0 = absmax)
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,9 @@ class QuantConfig:
             "few-token" experts, handled by ``sparse_expert_fallback``: ``blend`` (their Hessian is topped up
             with the all-token Hessian of the same input up to the threshold) or ``rtn``.
         calibrate_all_experts: every expert's Hessian sees every token (routed outputs are unaffected).
-        smooth: EAQuant smoothing before quantization (``moeq.smoothing``; needs ``calib`` for every method;
-            not combinable with ``rotation``, whose norm fusion undoes it). ``smooth_alpha`` is the migration
+        smooth: EAQuant smoothing before quantization (``moeq.smoothing``; needs ``calib`` for every method).
+            With ``rotation`` both are applied: rotation (norms fused, residual stream rotated) first, smoothing
+            in the rotated basis, then the online Hadamard of the smoothed down input (``moeq.smoothing``). ``smooth_alpha`` is the migration
             strength, ``smooth_aggregation`` (``max`` | ``frequency`` | ``router_prob``) how the per-expert
             scales become the one vector folded into the post-attention norm, ``smooth_down`` also smooths
             every expert's down-projection input.
@@ -80,6 +83,15 @@ class QuantConfig:
             routers get plain absmax rounding.
         expert_token_budget: at most this many calibration tokens (the first routed ones) per routed expert
             Hessian in GPTQ/AGQ; None = all.
+        act_bits: dynamic per-token activation quantization (``moeq_kernels.act_quant``) of the routed experts'
+            inputs (gate_up input; down input after the online Hadamard): None (16-bit), 8 or 4.
+            ``act_format``: ``int`` or ``fp8_e4m3`` (8 bits only). ``act_linears``: groups of
+            ``quantize_linears`` whose quantized linears also get their input quantized. ``act_clip``: the clip
+            ratio of every spec when not searched. ``act_clip_search``: per layer, pick the gate_up / down
+            (and each act linear's) clip from ``act_clip_grid`` minimizing the output MSE against 16-bit
+            activations on the calibration tokens (``moeq.act_calib``; needs ``calib``). ``act_hessian``:
+            ``fp`` (GPTQ/AGQ Hessians from 16-bit inputs, QuaRot's convention) or ``quantized`` (from inputs
+            fake-quantized with ``act_clip``).
     """
 
     method: str = "rtn"
@@ -112,6 +124,13 @@ class QuantConfig:
     smooth_down: bool = True
     router_align: bool = True
     expert_token_budget: int | None = None
+    act_bits: int | None = None
+    act_format: str = "int"
+    act_linears: list[str] = field(default_factory=list)
+    act_clip: float = 1.0
+    act_clip_search: bool = False
+    act_clip_grid: list[float] = field(default_factory=lambda: list(ACT_CLIP_GRID))
+    act_hessian: str = "fp"
 
     def __post_init__(self):
         WeightSpec(self.bits, self.group_size, self.sym)  # validates
@@ -137,11 +156,9 @@ class QuantConfig:
         if self.smooth_aggregation not in SMOOTH_AGGREGATIONS or not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"smooth_aggregation must be one of {SMOOTH_AGGREGATIONS} and smooth_alpha in [0, 1], "
                              f"got {self.smooth_aggregation!r}, {self.smooth_alpha}")
-        if self.smooth and self.rotation is not None:
-            raise ValueError("smooth and rotation cannot be combined: rotation folds the norms into their readers, "
-                             "which undoes smoothing's input scales; choose one")
         if self.expert_token_budget is not None and self.expert_token_budget < 1:
             raise ValueError(f"expert_token_budget must be None or >= 1, got {self.expert_token_budget}")
+        self._check_act()
         for name, plan in self.expert_bits.items():
             for proj, bits in plan.items():
                 if proj not in ("gate_up", "down") or any(b not in (2, 3, 4, 8) for b in bits):
@@ -151,6 +168,30 @@ class QuantConfig:
             if unknown:
                 raise ValueError(f"override for {name} has unknown keys {sorted(unknown)}")
             WeightSpec.from_dict({**self.default_spec().to_dict(), **d})
+
+    def _check_act(self) -> None:
+        if self.act_bits is None:
+            if self.act_linears or self.act_clip_search or self.act_hessian != "fp":
+                raise ValueError("act_linears / act_clip_search / act_hessian need act_bits (4 or 8)")
+            return
+        if self.act_format not in ACT_FORMATS:
+            raise ValueError(f"act_format must be one of {ACT_FORMATS}, got {self.act_format!r}")
+        ActSpec(self.act_bits, self.act_format, self.act_clip)  # validates bits x format and the clip range
+        bad = set(self.act_linears) - set(self.quantize_linears)
+        if bad:
+            raise ValueError(f"act_linears {sorted(bad)} are not in quantize_linears {self.quantize_linears}: only "
+                             "quantized linears get activation quantization")
+        if not self.act_clip_grid or any(not 0.0 < float(c) <= 1.0 for c in self.act_clip_grid):
+            raise ValueError(f"act_clip_grid must be a non-empty list of ratios in (0, 1], got {self.act_clip_grid}")
+        if self.act_hessian not in ("fp", "quantized"):
+            raise ValueError(f"act_hessian must be fp or quantized, got {self.act_hessian!r}")
+
+    def act_spec(self, clip: float | None = None) -> ActSpec | None:
+        """The activation spec of this run (``clip`` defaults to ``act_clip``), or None when activations stay
+        16-bit."""
+        if self.act_bits is None:
+            return None
+        return ActSpec(self.act_bits, self.act_format, self.act_clip if clip is None else float(clip))
 
     def default_spec(self) -> WeightSpec:
         return WeightSpec(self.bits, self.group_size, self.sym)

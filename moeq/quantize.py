@@ -6,12 +6,14 @@ import torch
 from torch import nn
 
 from moeq import methods  # noqa: F401  (registers the methods)
+from moeq.act_calib import calibrate_act
 from moeq.config import QuantConfig
 from moeq.models import MoEAdapter, adapter_for
 from moeq.quantize_linear import linear_targets, round_router
 from moeq.quantizers import get_method
 from moeq.quantizers.report import ModuleReport, QuantReport
 from moeq.rotation import rotate_model
+from moeq.rotation.rotate import apply_online_hadamard
 from moeq.router_align import align_routers
 from moeq.smoothing import calib_tensors, smooth_model
 
@@ -25,8 +27,10 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, calib=No
         calib: calibration tokens for GPTQ-family methods: int64 ``[n, L]`` or a dict with ``input_ids [n, L]``
             and ``attention_mask [n, L]`` (padding is masked out of every Hessian).
         device: compute device of calibration; the model may stay on the CPU (layers move one at a time).
-    Order: rotation or EAQuant smoothing (``config.smooth``, needs ``calib`` for every method) -> 8-bit routers
-    (``router_bits=8``: KL-aligned clipping with ``calib``, plain absmax without) -> the method.
+    Order: rotation and/or EAQuant smoothing (``config.smooth``, needs ``calib`` for every method) -> 8-bit
+    routers (``router_bits=8``: KL-aligned clipping with ``calib``, plain absmax without) -> the method ->
+    activation specs (``act_bits``: per-layer clip search on ``calib`` when ``act_clip_search``,
+    :mod:`moeq.act_calib`).
     Routers (unless ``router_bits=8``), shared-expert gates, embeddings and lm_head keep their precision;
     attention / shared experts / dense MLPs are quantized only when listed in ``config.quantize_linears``.
     The model's config gains ``quantization_config`` (see :mod:`moeq.io`).
@@ -43,13 +47,16 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, calib=No
     if config.smooth and calib is None:
         raise ValueError("smooth=True needs calibration data (calib=...) for every method, rtn included: "
                          "the smoothing scales come from activation statistics")
+    if config.act_clip_search and calib is None:
+        raise ValueError("act_clip_search needs calibration data (calib=...) for every method, rtn included")
     with torch.no_grad():
-        if config.rotation is not None:
-            rotate_model(model, adapter, config.rotation_seed, config.online_hadamard)
-        extra = _smooth_and_round_routers(model, adapter, config, calib, device)
+        extra = transform_model(model, adapter, config, calib, device)
+        extra.update(_round_routers(model, adapter, config, calib, device))
         report = method.fn(model, adapter, config, calib, device)
+        if config.act_bits is not None:
+            extra["activations"] = calibrate_act(model, adapter, config, calib, device)
     report.calibration.update(extra)
-    if extra and "_samples" not in report.calibration:
+    if extra and calib is not None and "_samples" not in report.calibration:
         ids, mask = calib_tensors(calib)
         report.calibration["_samples"] = {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
                                           "tokens": int(ids.numel() if mask is None else mask.sum())}
@@ -85,13 +92,26 @@ def check_finite(model: nn.Module) -> None:
                                  "checkpoint is damaged (refusing to quantize it)")
 
 
-def _smooth_and_round_routers(model, adapter, config: QuantConfig, calib, device) -> dict:
-    """EAQuant smoothing (``config.smooth``) and 8-bit routers (KL-aligned with calibration data, absmax
-    without); returns their calibration metadata (``smoothing``, ``router_alignment``)."""
+def transform_model(model: nn.Module, adapter: MoEAdapter, config: QuantConfig, calib=None, device=None) -> dict:
+    """The function-preserving transforms before quantization, in place: rotation (``config.rotation``) and/or
+    EAQuant smoothing (``config.smooth``, needs ``calib``). Both: rotate without the online Hadamard, smooth the
+    rotated model, then fold the online Hadamard into the smoothed down weights (``moeq.smoothing`` explains the
+    order). Returns the smoothing record (``{"smoothing": ...}``) or ``{}``."""
+    if config.rotation is not None:  # with smoothing, the online Hadamard waits for the down smoothing
+        rotate_model(model, adapter, config.rotation_seed, config.online_hadamard and not config.smooth)
+    if not config.smooth:
+        return {}
+    rep = smooth_model(model, adapter, calib, config.smooth_alpha, config.smooth_aggregation, config.smooth_down,
+                       device)
+    if config.rotation is not None and config.online_hadamard:
+        apply_online_hadamard(model, adapter)
+    return {"smoothing": rep.to_dict()}
+
+
+def _round_routers(model, adapter, config: QuantConfig, calib, device) -> dict:
+    """8-bit routers (KL-aligned with calibration data, absmax without); returns their calibration metadata
+    (``router_alignment``)."""
     extra = {}
-    if config.smooth:
-        extra["smoothing"] = smooth_model(model, adapter, calib, config.smooth_alpha, config.smooth_aggregation,
-                                          config.smooth_down, device).to_dict()
     if config.router_bits == 8 and config.router_align and calib is not None:
         extra["router_alignment"] = align_routers(model, adapter, calib, device)
     elif config.router_bits == 8:

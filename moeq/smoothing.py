@@ -24,10 +24,18 @@ Down smoothing (``down_proj=True``). The down input ``h = silu(gate) * up`` is l
 ``s_d [I]`` from the expert's own ``h`` (same formula with ``down_e [H, I]``) folds exactly:
 ``up rows /= s_d``, ``down[:, c] *= s_d[c]``. Shared experts likewise (``up_proj`` / ``down_proj``).
 
-Order with rotation: refused (``QuantConfig`` raises). Rotation first fuses every norm into its readers
-(``W <- W diag(g)``, ``g <- 1``), which turns smoothed readers ``W diag(s)`` with norm ``g / s`` back into
-exactly ``W diag(g)``: input smoothing before rotation is a no-op, and smoothing after rotation rescales
-channels of a basis the rotation already flattened, which breaks its unit-norm invariant for no expected gain.
+Composition with rotation (``QuantConfig(rotation="hadamard", smooth=True)``, :func:`moeq.quantize_model`):
+rotation first (norms fused into their readers, residual stream rotated by ``Q``, no online Hadamard yet), then
+this smoothing on the rotated model, then the offline half of the online Hadamard on the smoothed down weights.
+Why this order: smoothing *before* rotation is undone exactly by the norm fusion (``W diag(s)`` with norm ``g / s``
+fuses back to ``W diag(g)``), and ``Q`` is applied to the residual stream, before the norm, so a "divide by
+``s`` then rotate" on the norm output would need an extra online rotation after every norm. After rotation the
+post-attention norm weight is 1 and becomes ``1 / s``: the routed experts read ``RMSNorm(x Q) / s`` (rotate, then
+smooth, the order of OSTQuant's ``Q`` then scaling). The down input is never touched by ``Q``, so there the
+order is smooth, then rotate (``(h / s_d) H_I`` against ``W diag(s_d) H_I``), the order of DuQuant, which EAQuant's
+public code builds on (its ``smooth_lm`` folds the scales before the rotation wrappers). Every step is an exact
+identity in float, so the composed model computes the same function before quantization
+(``tests/moeq/test_smoothing.py``).
 
 All folding runs in float64 and is rounded once to each weight's dtype.
 """

@@ -81,3 +81,26 @@ def logits_and_routing(model, ids):
         for h in hooks:
             h.remove()
     return logits, seen
+
+
+class HadamardDownExperts(torch.nn.Module):
+    """Eager experts applying the online Hadamard to the down input (what ``QuantizedExperts`` does), over the
+    dense ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` of a full-precision experts module: the float
+    oracle of a rotated (and smoothed) model before quantization. Token by token, for tiny test models."""
+
+    def __init__(self, experts):
+        super().__init__()
+        self.ex = experts
+
+    def forward(self, hidden, idx, w):
+        import torch.nn.functional as F
+
+        from moeq_kernels.reference import hadamard_ref
+
+        out = torch.zeros_like(hidden)
+        for t in range(hidden.shape[0]):
+            for j in range(idx.shape[1]):
+                e = int(idx[t, j])
+                gate, up = F.linear(hidden[t], self.ex.gate_up_proj[e]).chunk(2)
+                out[t] += w[t, j] * F.linear(hadamard_ref(F.silu(gate) * up), self.ex.down_proj[e])
+        return out

@@ -17,6 +17,12 @@ Weighting of a routed token's contribution (``affinity``):
 Expert token budget (``token_budget``): each expert's routed Hessian takes at most that many (unmasked) tokens,
 the first ones routed to it in calibration order (deterministic, so the gate_up and down stages see the same
 tokens), so heavily used experts do not dominate calibration cost; ``routed`` still counts every routed token.
+
+Activation-quantized Hessians (``act13`` / ``act2``, ``QuantConfig.act_hessian="quantized"``): the Hessians are
+of the inputs as a W4A8 / W4A4 model computes them: ``x`` fake-quantized per token with ``act13``, and the down
+input built from that ``x`` then fake-quantized (after the online Hadamard) with ``act2``, so GPTQ minimizes
+``||W X_q - W_q X_q||``. moeq's default (``act_hessian="fp"``) follows QuaRot's public code instead, whose GPTQ
+pass runs before its activation quantizers are configured: Hessians of 16-bit (rotated) inputs.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeq.calib.hessian import ExpertHessians, Hessian
+from moeq_kernels.act_quant import ActSpec, fake_quant_act
 from moeq_kernels.hadamard import hadamard_transform
 
 AFFINITIES = ("none", "topk", "softmax")
@@ -51,14 +58,17 @@ class CalibExperts(nn.Module):
             input, the all-token statistics that few-token experts' gate_up Hessians are blended with.
         token_budget: at most this many routed tokens per expert in ``hessians`` (None = all); ``routed [E]``
             counts the unmasked routed tokens, ``used [E]`` those that entered ``hessians``.
+        act13, act2: activation specs the Hessian inputs are fake-quantized with (module docstring), or None.
     The forward returns zeros: during calibration passes the layer's output is discarded (the MoE block is the
     last sub-module of a decoder layer), so the down projection itself is skipped.
     """
 
     def __init__(self, gate_up: torch.Tensor, router: nn.Module, collect: str, affinity: str, act=F.silu,
                  all_tokens_experts: set[int] | None = None, track_input: bool = False,
-                 hadamard_down: bool = False, device: torch.device | str = "cpu", token_budget: int | None = None):
+                 hadamard_down: bool = False, device: torch.device | str = "cpu", token_budget: int | None = None,
+                 act13: ActSpec | None = None, act2: ActSpec | None = None):
         super().__init__()
+        self.act13, self.act2 = act13, act2
         if affinity not in AFFINITIES:
             raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
         self.gate_up, self.router, self.collect, self.affinity, self.act = gate_up, router, collect, affinity, act
@@ -86,7 +96,7 @@ class CalibExperts(nn.Module):
     def _down_input(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up[e].to(x.dtype)).chunk(2, dim=-1)
         h = self.act(gate) * up
-        return hadamard_transform(h) if self.hadamard_down else h
+        return fake_quant_act(hadamard_transform(h) if self.hadamard_down else h, self.act2)
 
     def _within_budget(self, e: int, slots: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
         """The routing slots of expert ``e`` that enter its Hessian: unmasked, and the budget not yet spent."""
@@ -105,6 +115,7 @@ class CalibExperts(nn.Module):
         logits = self._check_alignment(hidden, top_k_index)
         mask = torch.ones(hidden.shape[0], device=hidden.device) if self.token_mask is None else self.token_mask.to(hidden.device).float()
         probs = F.softmax(logits.float(), dim=-1)
+        hidden = fake_quant_act(hidden, self.act13)  # what the experts read (routing was checked on the original)
         if self.input_hessian is not None:
             self.input_hessian.add(hidden, mask)
         k = top_k_index.shape[1]
@@ -134,14 +145,15 @@ class LinearInputs:
     shared-expert sigmoid gate under AGQ) or None.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], device, weights_fn):
+    def __init__(self, modules: dict[str, nn.Linear], device, weights_fn, act: dict[str, ActSpec] | None = None):
+        self.act = act or {}  # per linear: its input is fake-quantized before entering the Hessian
         self.hessians = {n: Hessian(m.in_features, device) for n, m in modules.items()}
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
         self.weights_fn = weights_fn
 
     def _hook(self, name: str):
         def hook(module, args):
-            x = args[0]
+            x = fake_quant_act(args[0], self.act.get(name))
             self.hessians[name].add(x.reshape(-1, x.shape[-1]), self.weights_fn(name))
 
         return hook

@@ -32,6 +32,7 @@ from moeq.models import MoEAdapter
 from moeq.nn.experts import QuantizedExperts
 from moeq.nn.linear import QuantizedLinear
 from moeq.nn.mixed import MixedQuantizedExperts, experts_modules
+from moeq_kernels.act_quant import ActSpec
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def _version() -> str:
 def quantization_config_dict(model: nn.Module, adapter: MoEAdapter, config: QuantConfig, calibration: dict) -> dict:
     """The ``quantization_config`` entry: global settings, each quantized module's exact specs
     (``modules``: experts; ``linear_modules``: plain linears) and calibration facts (token counts per expert,
-    few-token fallbacks)."""
+    few-token fallbacks). Activation specs (with their searched clip ratios) are recorded per module as
+    ``act13`` / ``act2`` (experts) and ``act`` (linears), present only when activations are quantized."""
     modules, linears = module_entries(model, adapter)
     return quantization_config_from(config, modules, linears, calibration)
 
@@ -67,7 +69,8 @@ def module_entries(model: nn.Module, adapter: MoEAdapter, prefix: str = "") -> t
     """``(modules, linear_modules)`` entries of the quantized modules of ``model`` whose names start with
     ``prefix`` (parameters may be on the meta device: only shapes and specs are read)."""
     linears = {n: {**m.spec.to_dict(), "group_size": m.group_size, "in_features": m.in_features,
-                   "out_features": m.out_features, "bias": m.bias is not None, "scale_dtype": dtype_name(m.scale_dtype)}
+                   "out_features": m.out_features, "bias": m.bias is not None, "scale_dtype": dtype_name(m.scale_dtype),
+                   **_act_entries(act=m.act)}
                for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and n.startswith(prefix)}
     modules = {}
     for idx, block in adapter.moe_layers(model):
@@ -80,12 +83,20 @@ def module_entries(model: nn.Module, adapter: MoEAdapter, prefix: str = "") -> t
             "num_experts": ex.num_experts, "hidden_dim": ex.hidden_dim, "intermediate_dim": ex.intermediate_dim,
             "gate_up": first.w13_spec.to_dict(), "down": first.w2_spec.to_dict(),
             "scale_dtype": dtype_name(ex.scale_dtype), "activation": ex.activation,
-            "online_hadamard": ex.online_hadamard,
+            "online_hadamard": ex.online_hadamard, **_act_entries(act13=ex.act13, act2=ex.act2),
         }
         if isinstance(ex, MixedQuantizedExperts):
             entry["expert_specs"] = [[a.to_dict(), b.to_dict()] for a, b in ex.expert_specs()]
         modules[name] = entry
     return modules, linears
+
+
+def _act_entries(**specs: ActSpec | None) -> dict:
+    return {k: v.to_dict() for k, v in specs.items() if v is not None}
+
+
+def _act_spec(d: dict | None) -> ActSpec | None:
+    return None if d is None else ActSpec.from_dict(d)
 
 
 def _expert_tensors(name: str, mod: nn.Module) -> dict[str, torch.Tensor]:
@@ -261,11 +272,12 @@ def module_from_spec(spec: dict, device, backend: str) -> nn.Module:
         groups.append(QuantizedExperts(
             len(members), spec["hidden_dim"], spec["intermediate_dim"], WeightSpec.from_dict(a), WeightSpec.from_dict(b),
             parse_dtype(spec["scale_dtype"]), spec.get("activation", "silu"), bool(spec.get("online_hadamard", False)),
-            backend, device=device))
+            backend, device=device, act13=_act_spec(spec.get("act13")), act2=_act_spec(spec.get("act2"))))
     return groups[0] if len(groups) == 1 else MixedQuantizedExperts(list(schemes.values()), groups)
 
 
 def linear_from_spec(spec: dict, device, backend: str) -> QuantizedLinear:
     """An empty :class:`QuantizedLinear` on ``device`` shaped by one ``linear_modules`` entry."""
     return QuantizedLinear(spec["in_features"], spec["out_features"], WeightSpec.from_dict(spec),
-                           parse_dtype(spec["scale_dtype"]), spec["bias"], backend, device=device)
+                           parse_dtype(spec["scale_dtype"]), spec["bias"], backend, device=device,
+                           act=_act_spec(spec.get("act")))

@@ -47,9 +47,24 @@ class ExportError(ValueError):
     """The checkpoint holds something the target format cannot express."""
 
 
+def _refuse_act_quant(q: dict, fmt: str) -> None:
+    """Activation-quantized checkpoints are not exported: a serving engine reading the exported weights would run
+    them with 16-bit activations (GPTQ has no activation fields; compressed-tensors' ``input_activations`` would
+    need moeq's per-module clip ratios, which it cannot express, and the online Hadamard before the down input)."""
+    for kind, entries, keys in (("experts module", q["modules"], ("act13", "act2")),
+                                ("linear", q.get("linear_modules", {}), ("act",))):
+        for name, m in entries.items():
+            if any(k in m for k in keys):
+                raise ExportError(f"{name}: {kind} with quantized activations ({', '.join(k for k in keys if k in m)}) "
+                                  f"cannot be exported to {fmt}: the format would serve it with 16-bit activations "
+                                  "(or without the clip ratios moeq calibrated); export a checkpoint quantized "
+                                  "without --act-bits")
+
+
 def _schemes(q: dict, fmt: str) -> dict[str, dict]:
     """Quantized module name (per projection for experts) -> scheme dict; refuses what ``fmt`` cannot hold."""
     out = {}
+    _refuse_act_quant(q, fmt)
     for name, m in q["modules"].items():
         if len({json.dumps(x, sort_keys=True) for x in m.get("expert_specs", [])}) > 1:
             raise ExportError(f"{name}: per-expert mixed bit widths cannot be expressed in {fmt} (one scheme per layer)")

@@ -27,6 +27,21 @@ class CheckpointInfo:
     method: str
     bits: int
     group_size: int
+    activations: str = "16-bit"
+
+    @staticmethod
+    def describe_activations(q: dict) -> str:
+        """``16-bit``, or the activation format with the per-module clip ratios' range and the module counts."""
+        specs = [(m[k], "experts") for m in q["modules"].values() for k in ("act13", "act2") if k in m]
+        specs += [(m["act"], "linear") for m in q.get("linear_modules", {}).values() if "act" in m]
+        if not specs:
+            return "16-bit"
+        kinds = sorted({f"{'fp8 e4m3' if s['format'] == 'fp8_e4m3' else 'int' + str(s['bits'])}" for s, _ in specs})
+        clips = [s["clip"] for s, _ in specs]
+        n_exp = sum(1 for m in q["modules"].values() if "act13" in m or "act2" in m)
+        n_lin = sum(1 for _, w in specs if w == "linear")
+        return (f"{'/'.join(kinds)} per token (dynamic, symmetric), clip {min(clips):.2f}-{max(clips):.2f}; "
+                f"{n_exp} experts modules, {n_lin} linears")
 
     @property
     def bits_per_weight(self) -> float:
@@ -46,6 +61,7 @@ class CheckpointInfo:
             f"(bf16: {self.expert_bytes_bf16 / mib:.2f} MiB, {self.expert_bytes_bf16 / max(self.expert_bytes, 1):.2f}x smaller)",
             f"bits per expert weight (incl. scales/zeros): {self.bits_per_weight:.3f}",
             f"other tensors: {self.other_bytes / mib:.2f} MiB",
+            f"activations: {self.activations}",
         ]
 
 
@@ -83,7 +99,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(
         path=str(path), disk_bytes=sum(os.path.getsize(f) for f in files), expert_bytes=expert_bytes,
         expert_params=params, other_bytes=other, num_modules=len(q["modules"]), method=q.get("method", "?"),
-        bits=q.get("bits", 0), group_size=q.get("group_size", 0),
+        bits=q.get("bits", 0), group_size=q.get("group_size", 0), activations=CheckpointInfo.describe_activations(q),
     )
 
 

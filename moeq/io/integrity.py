@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from moeq_kernels.act_quant import ACT_FORMATS
 from moeq_kernels.packing import SUPPORTED_BITS
 
 META_CONFIG, META_LAYOUT, META_DATA = "moeq_config_sha256", "moeq_layout_sha256", "moeq_data_sha256"
@@ -107,6 +108,8 @@ def validate_quantization_config(q: dict, where: str) -> None:
             _spec(m.get(k), where, f"{f}.{k}")
         _check(m.get("scale_dtype") in ("float16", "bfloat16"), where, f"{f}.scale_dtype", "float16 or bfloat16")
         _check(isinstance(m.get("online_hadamard", False), bool), where, f"{f}.online_hadamard", "true or false")
+        for k in ("act13", "act2"):
+            _act(m.get(k), where, f"{f}.{k}")
         per = m.get("expert_specs")
         if per is not None:
             _check(isinstance(per, list) and len(per) == m["num_experts"], where, f"{f}.expert_specs",
@@ -123,6 +126,21 @@ def validate_quantization_config(q: dict, where: str) -> None:
             _check(isinstance(m.get(k), int) and m[k] > 0, where, f"{f}.{k}", "a positive integer")
         _check(isinstance(m.get("bias"), bool), where, f"{f}.bias", "true or false")
         _check(m.get("scale_dtype") in ("float16", "bfloat16"), where, f"{f}.scale_dtype", "float16 or bfloat16")
+        _act(m.get("act"), where, f"{f}.act")
+
+
+def _act(d, where: str, field: str) -> None:
+    """An activation spec entry (absent = 16-bit activations): bits 8 or 4, a known format, clip in (0, 1]."""
+    if d is None:
+        return
+    _check(isinstance(d, dict), where, field, "an object with bits, format, clip")
+    _check(d.get("format") in ACT_FORMATS, where, f"{field}.format", f"one of {ACT_FORMATS}")
+    ok_bits = (8,) if d.get("format") == "fp8_e4m3" else (4, 8)
+    _check(d.get("bits") in ok_bits and not isinstance(d.get("bits"), bool), where, f"{field}.bits",
+           f"one of {ok_bits} for format {d.get('format')!r}")
+    c = d.get("clip")
+    _check(isinstance(c, (int, float)) and not isinstance(c, bool) and 0.0 < c <= 1.0, where, f"{field}.clip",
+           "a number in (0, 1]")
 
 
 def _spec(d, where: str, field: str) -> None:

@@ -7,6 +7,7 @@ from torch import nn
 
 from moeq.config import WeightSpec
 from moeq_kernels import ops
+from moeq_kernels.act_quant import ActSpec
 from moeq_kernels.experts import ExpertWeights
 from moeq_kernels.packing import SCALE_DTYPES, PackedWeight, check_pack_dims
 
@@ -28,6 +29,9 @@ class QuantizedExperts(nn.Module):
         ``w2_qweight`` int32 ``[E, H, I*b/32]``, ``w2_scales`` ``[E, H, I/g]``, ``w2_qzeros``.
     ``online_hadamard``: the down input is multiplied by the orthonormal Hadamard ``H_I`` at run time (the
     offline ``W_down H_I`` is in the packed weights).
+    ``act13`` / ``act2``: dynamic per-token activation quantization of the gate_up input / the down input (after
+    the online Hadamard), ``moeq_kernels.act_quant.ActSpec`` or None (16-bit); passed in :meth:`weights`, so
+    every backend computes what a W4A8 / W4A4 kernel would (the fast backends refuse what they cannot run).
     """
 
     def __init__(
@@ -42,6 +46,8 @@ class QuantizedExperts(nn.Module):
         online_hadamard: bool = False,
         backend: str = "auto",
         device: torch.device | str | None = None,
+        act13: ActSpec | None = None,
+        act2: ActSpec | None = None,
     ):
         super().__init__()
         if scale_dtype not in SCALE_DTYPES:
@@ -50,6 +56,7 @@ class QuantizedExperts(nn.Module):
         self.w13_spec, self.w2_spec = w13_spec, w2_spec
         self.scale_dtype, self.activation = scale_dtype, activation
         self.online_hadamard, self.backend = online_hadamard, backend
+        self.act13, self.act2 = act13, act2
         self._alloc("w13", num_experts, 2 * intermediate_dim, hidden_dim, w13_spec, device)
         self._alloc("w2", num_experts, hidden_dim, intermediate_dim, w2_spec, device)
 
@@ -83,7 +90,7 @@ class QuantizedExperts(nn.Module):
         e, two_i, h = w13.shape
         specs = [WeightSpec(p.bits, p.group_size, p.qzeros is None) for p in (w13, w2)]
         mod = cls(e, h, two_i // 2, specs[0], specs[1], w13.scales.dtype, weights.activation, weights.online_hadamard,
-                  backend, device="meta")
+                  backend, device="meta", act13=weights.act13, act2=weights.act2)
         for prefix, p in (("w13", w13), ("w2", w2)):
             setattr(mod, f"{prefix}_qweight", p.qweight)
             setattr(mod, f"{prefix}_scales", p.scales)
@@ -100,7 +107,12 @@ class QuantizedExperts(nn.Module):
 
     def weights(self) -> ExpertWeights:
         """The buffers as one :class:`ExpertWeights` (views, no copy; group sizes resolved to K when per-channel)."""
-        return ExpertWeights(self.packed("w13"), self.packed("w2"), self.activation, self.online_hadamard)
+        return ExpertWeights(self.packed("w13"), self.packed("w2"), self.activation, self.online_hadamard,
+                             self.act13, self.act2)
+
+    def set_act_specs(self, act13: ActSpec | None, act2: ActSpec | None) -> None:
+        """Activation specs of the gate_up input and the down input (None = 16-bit)."""
+        self.act13, self.act2 = act13, act2
 
     def locate(self, e: int) -> tuple["QuantizedExperts", int]:
         """The module holding expert ``e`` and its index there (itself; see ``MixedQuantizedExperts``)."""
@@ -141,4 +153,5 @@ class QuantizedExperts(nn.Module):
             f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
             f"gate_up={self.w13_spec}, down={self.w2_spec}, scales={self.scale_dtype}, "
             f"online_hadamard={self.online_hadamard}, backend={self.backend}"
+            + (f", act13={self.act13}, act2={self.act2}" if self.act13 or self.act2 else "")
         )

@@ -8,6 +8,7 @@ from torch import nn
 
 from moeq.config import WeightSpec
 from moeq_kernels import ops
+from moeq_kernels.act_quant import ActSpec, fake_quant_act
 from moeq_kernels.packing import SCALE_DTYPES, PackedWeight, check_pack_dims
 
 
@@ -17,15 +18,17 @@ class QuantizedLinear(nn.Module):
     Buffers: ``qweight`` int32 ``[N, K*b/32]``, ``scales`` ``[N, K/g]``, ``qzeros`` uint8 ``[N, K/g]`` or absent,
     ``bias`` ``[N]`` or absent (format: ``moeq_kernels.packing``, one matrix = a stack of E = 1). The weight is dequantized per call through ``torch.ops.moeq.dequantize`` (a decode-speed W4A16
     GEMV for attention/shared experts is future kernel work; today this saves memory, not time).
+    ``act``: when set (``moeq_kernels.act_quant.ActSpec``), the input is fake-quantized per token (each row of
+    ``x [..., K]`` its own scale) before the product, as a W4A8 / W4A4 GEMM would read it.
     """
 
     def __init__(self, in_features: int, out_features: int, spec: WeightSpec, scale_dtype: torch.dtype = torch.bfloat16,
-                 bias: bool = False, backend: str = "auto", device=None):
+                 bias: bool = False, backend: str = "auto", device=None, act: ActSpec | None = None):
         super().__init__()
         if scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be float16 or bfloat16, got {scale_dtype}")
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
-        self.scale_dtype, self.backend = scale_dtype, backend
+        self.scale_dtype, self.backend, self.act = scale_dtype, backend, act
         g = check_pack_dims(in_features, spec.bits, spec.group_size)
         self.register_buffer("qweight", torch.empty(out_features, in_features * spec.bits // 32, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.empty(out_features, g, dtype=scale_dtype, device=device))
@@ -57,7 +60,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.packed()
         w = ops.dequantize(p.qweight, p.scales, p.qzeros, p.bits, p.group_size, self.backend)[0]
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(fake_quant_act(x, self.act), w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -72,4 +75,5 @@ class QuantizedLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {self.spec}, bias={self.bias is not None}"
+        act = f", act={self.act}" if self.act is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, {self.spec}, bias={self.bias is not None}{act}"

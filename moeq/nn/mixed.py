@@ -13,6 +13,7 @@ from torch import nn
 
 from moeq.config import WeightSpec
 from moeq.nn.experts import QuantizedExperts
+from moeq_kernels.act_quant import ActSpec
 from moeq_kernels.experts import ExpertWeights
 from moeq_kernels.packing import PackedWeight
 
@@ -45,6 +46,19 @@ class MixedQuantizedExperts(nn.Module):
         first = groups[0]
         self.num_experts, self.hidden_dim, self.intermediate_dim = e, first.hidden_dim, first.intermediate_dim
         self.online_hadamard, self.activation, self.scale_dtype = first.online_hadamard, first.activation, first.scale_dtype
+
+    @property
+    def act13(self) -> ActSpec | None:
+        return self.groups[0].act13
+
+    @property
+    def act2(self) -> ActSpec | None:
+        return self.groups[0].act2
+
+    def set_act_specs(self, act13: ActSpec | None, act2: ActSpec | None) -> None:
+        """One pair of activation specs for every group: the groups read the same hidden states."""
+        for grp in self.groups:
+            grp.set_act_specs(act13, act2)
 
     def locate(self, e: int) -> tuple[QuantizedExperts, int]:
         g = int(self.group_of[e])

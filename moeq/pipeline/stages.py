@@ -6,7 +6,7 @@ tensors (rotation: ``"embed"`` before the layer loop, ``"head"`` at the end) and
 A stage records what it did in ``ctx.calibration`` (merged into ``quantization_config["calibration"]``) and its
 modules in ``ctx.report``. :func:`stages_for` turns a :class:`~moeq.config.QuantConfig` into the ordered list;
 the order is the one :func:`moeq.quantize_model` applies to a whole model: rotation -> smoothing -> router
--> method. A new stage is one class here (or in its own file) plus its line in :func:`stages_for`.
+-> method -> activation specs. A new stage is one class here (or in its own file) plus its line in :func:`stages_for`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ class RotationStage(Stage):
         from moeq.rotation.rotate import random_hadamard
 
         self.q = random_hadamard(hidden_size, config.rotation_seed)
-        self.online = config.online_hadamard
+        # composed with smoothing, the online Hadamard is folded after the down smoothing (OnlineHadamardStage)
+        self.online = config.online_hadamard and not config.smooth
 
     def outer(self, model, adapter, part):
         from moeq.rotation.rotate import rotate_outer
@@ -99,6 +100,20 @@ class SmoothStage(Stage):
             ctx.calibration["smoothing"] = {"alpha": c.smooth_alpha, "aggregation": c.smooth_aggregation,
                                             "down_proj": c.smooth_down,
                                             "layers": {ctx.adapter.experts_name(ctx.idx): entry}}
+
+
+class OnlineHadamardStage(Stage):
+    """Rotation composed with smoothing: the offline half of the online Hadamard, folded into the smoothed
+    down weights (``moeq.quantize.transform_model`` explains the order)."""
+
+    name = "hadamard"
+
+    def run(self, ctx):
+        from moeq.rotation.rotate import online_hadamard_layer
+
+        block = ctx.adapter.moe_block(ctx.layer)
+        if block is not None:
+            online_hadamard_layer(block, ctx.adapter)
 
 
 class RouterStage(Stage):
@@ -152,6 +167,29 @@ class MethodStage(Stage):
         ctx.calibration.update(meta)
 
 
+class ActStage(Stage):
+    """Activation quantization specs of the quantized layer (:mod:`moeq.act_calib`): clip ratios searched on
+    this layer's inputs (``act_clip_search``) or ``act_clip`` everywhere. The next layers see its quantized
+    activations, as they will at run time."""
+
+    name = "act"
+
+    def __init__(self, config: QuantConfig):
+        self.needs_inputs = config.act_clip_search
+
+    def run(self, ctx):
+        from moeq.act_calib import calibrate_layer_act, layer_act_specs
+
+        c = ctx.config
+        if self.needs_inputs:
+            mods = calibrate_layer_act(ctx.layer, ctx.adapter, c, ctx.idx, ctx.inputs, ctx.device)
+            grid = sorted({float(x) for x in c.act_clip_grid}, reverse=True)
+            ctx.calibration["activations"] = {"clip_search": True, "grid": grid, "modules": mods}
+        else:
+            mods = layer_act_specs(ctx.layer, ctx.adapter, c, ctx.idx)
+            ctx.calibration["activations"] = {"clip_search": False, "modules": mods}
+
+
 def stages_for(config: QuantConfig, hidden_size: int, has_calib: bool) -> list[Stage]:
     """The ordered stages ``config`` enables (``has_calib``: calibration tokens were given)."""
     out: list[Stage] = []
@@ -159,9 +197,13 @@ def stages_for(config: QuantConfig, hidden_size: int, has_calib: bool) -> list[S
         out.append(RotationStage(config, hidden_size))
     if config.smooth:
         out.append(SmoothStage())
+        if config.rotation is not None and config.online_hadamard:
+            out.append(OnlineHadamardStage())
     if config.router_bits == 8:
         out.append(RouterStage(align=config.router_align and has_calib))
     out.append(MethodStage(config))
+    if config.act_bits is not None:
+        out.append(ActStage(config))
     missing = [s.name for s in out if s.needs_inputs and not has_calib]
     if missing:
         raise ValueError(f"{', '.join(missing)} need(s) calibration data (calib=...)")
@@ -174,6 +216,9 @@ def merge_calibration(into: dict, layer: dict) -> None:
         if key == "smoothing":
             cur = into.setdefault("smoothing", {**value, "layers": {}})
             cur["layers"].update(value["layers"])
+        elif key == "activations":
+            cur = into.setdefault("activations", {**value, "modules": {}})
+            cur["modules"].update(value["modules"])
         elif key == "router_alignment":
             into.setdefault("router_alignment", {}).update(value)
         else:

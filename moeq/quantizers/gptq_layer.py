@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -31,6 +32,9 @@ class LayerQuantizer:
         self.prefix = f"{adapter.layers_path}.{idx}"
         self.block = adapter.moe_block(layer)
         self.targets = linear_targets(layer, adapter, config, self.prefix)
+        # the linears whose inputs are activation-quantized (their Hessians too, with act_hessian="quantized")
+        self.act_linears = set(linear_targets(layer, adapter, dataclasses.replace(config, quantize_linears=config.act_linears),
+                                              self.prefix)) if config.act_linears else set()
         self.params = GPTQParams(config.block_size, config.damp, config.act_order, config.w_clip, config.clip_grid,
                                  config.clip_max_shrink, config.clip_norm)
         self.metadata: dict[str, dict] = {}
@@ -62,7 +66,9 @@ class LayerQuantizer:
 
     def begin(self, stage: int) -> None:
         linears = {n: m for n, (m, s) in self.targets.items() if s == stage}
-        self.lin = LinearInputs(linears, self.device, self._linear_weights)
+        act = self.config.act_spec() if self.config.act_hessian == "quantized" else None
+        self.lin = LinearInputs(linears, self.device, self._linear_weights,
+                                {n: act for n in linears if n in self.act_linears} if act else None)
         if self.block is None:
             return
         if self.affinity != "none" and self.adapter.shared_gate_attr:
@@ -73,13 +79,13 @@ class LayerQuantizer:
             all_experts = set(range(e)) if self.config.calibrate_all_experts else set()
             self.calib = CalibExperts(self.fp_experts.gate_up_proj, router, "gate_up", self.affinity,
                                       all_tokens_experts=all_experts, track_input=True, device=self.device,
-                                      token_budget=self.config.expert_token_budget)
+                                      token_budget=self.config.expert_token_budget, act13=act)
         else:
             w13 = torch.cat([p.dequantize(self.fp_experts.gate_up_proj.dtype) for p in self.w13])
             extra = set(range(e)) if self.config.calibrate_all_experts else set(self.sparse)
             self.calib = CalibExperts(w13, router, "down", self.affinity, all_tokens_experts=extra,
                                       hadamard_down=self.config.online_hadamard, device=self.device,
-                                      token_budget=self.config.expert_token_budget)
+                                      token_budget=self.config.expert_token_budget, act13=act, act2=act)
         setattr(self.block, self.adapter.experts_attr, self.calib)
 
     def end(self, stage: int) -> None:

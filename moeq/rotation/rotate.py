@@ -160,3 +160,18 @@ def rotate_model(model: nn.Module, adapter: MoEAdapter, seed: int = 0, online_ha
     rotate_outer(model, adapter, q)
     for layer in adapter.layers(model):
         rotate_layer(layer, adapter, q, online_hadamard)
+
+
+@torch.no_grad()
+def apply_online_hadamard(model: nn.Module, adapter: MoEAdapter) -> None:
+    """The offline half of the online Hadamard on every routed expert's down input (``W_down <- W_down H_I``).
+    Smoothing composed with rotation calls it after folding the down smoothing scales (rotation itself then
+    runs with ``online_hadamard=False``), so the runtime rotates the smoothed input: ``(h / s) H`` against
+    ``W diag(s) H``."""
+    for _, block in adapter.moe_layers(model):
+        online_hadamard_layer(block, adapter)
+
+
+def online_hadamard_layer(block: nn.Module, adapter: MoEAdapter) -> None:
+    """:func:`apply_online_hadamard` for one MoE block (the streaming pipeline's per-layer form)."""
+    _online_hadamard_down(block, adapter)

@@ -47,12 +47,13 @@ def _in_memory(src, out, config, calib):
                          quantize_linears=["dense_mlp"])),                                # rotation; a dense layer
     ("qwen3_moe", dict(method="gptq", act_order=True, bits=3)),
     ("olmoe", dict(method="rtn", router_bits=8)),                                         # absmax routers, no calib
+    ("mixtral", dict(method="rtn", act_bits=8, act_format="fp8_e4m3", act_clip_search=True)),  # W4A8, clips searched
 ])
 def test_stream_equals_in_memory(tmp_path, model_type, kw):
     """Every tensor and the quantization_config equal today's whole-model path bit for bit."""
     tiny_model(model_type).save_pretrained(tmp_path / "src")
     config = QuantConfig(group_size=32, **kw)
-    calib = _calib() if config.method != "rtn" else None
+    calib = _calib() if config.method != "rtn" or config.act_clip_search else None
     _in_memory(tmp_path / "src", tmp_path / "mem", config, calib)
     out, report = quantize_checkpoint(tmp_path / "src", tmp_path / "stream", config, calib)
     a, b = _tensors(tmp_path / "mem"), _tensors(out)
@@ -125,11 +126,12 @@ def test_other_settings_refuse_the_unfinished_run(tmp_path):
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 3
 
 
-def test_one_pass_smoothing_router_gptq(tmp_path):
-    """Smoothing + KL-aligned 8-bit routers + GPTQ in one pass: every MoE layer is smoothed and aligned, the
-    output is a valid checkpoint and close to full precision."""
+@pytest.mark.parametrize("kw", [dict(), dict(rotation="hadamard", online_hadamard=True)])  # smoothing alone; composed
+def test_one_pass_smoothing_router_gptq(tmp_path, kw):
+    """Smoothing (+ rotation) + KL-aligned 8-bit routers + GPTQ in one pass: every MoE layer is smoothed and
+    aligned, the output is a valid checkpoint and close to full precision."""
     tiny_model("qwen3_moe").save_pretrained(tmp_path / "src")
-    config = QuantConfig(method="gptq", group_size=32, bits=8, smooth=True, router_bits=8)
+    config = QuantConfig(method="gptq", group_size=32, bits=8, smooth=True, router_bits=8, **kw)
     out, _ = quantize_checkpoint(tmp_path / "src", tmp_path / "out", config, _calib())
     cal = json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]
     assert len(cal["smoothing"]["layers"]) == len(cal["router_alignment"]) == 2

@@ -5,13 +5,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import moeq
 from moeq.models import adapter_for
 from moeq.rotation import RotationError, rotate_model
-from moeq.testing import logits_and_routing, TINY_CONFIGS, tiny_model
-from moeq_kernels.reference import hadamard_ref
+from moeq.testing import HadamardDownExperts, logits_and_routing, TINY_CONFIGS, tiny_model
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -27,23 +25,6 @@ def _fp64_model(model_type, **kw):
 
 def _routing(model):
     return logits_and_routing(model, IDS)
-
-
-class _HadamardDownExperts(torch.nn.Module):
-    """Eager float64 experts applying the online Hadamard to the down input (what QuantizedExperts does)."""
-
-    def __init__(self, experts):
-        super().__init__()
-        self.ex = experts
-
-    def forward(self, hidden, idx, w):
-        out = torch.zeros_like(hidden)
-        for t in range(hidden.shape[0]):
-            for j in range(idx.shape[1]):
-                e = int(idx[t, j])
-                gate, up = F.linear(hidden[t], self.ex.gate_up_proj[e]).chunk(2)
-                out[t] += w[t, j] * F.linear(hadamard_ref(F.silu(gate) * up), self.ex.down_proj[e])
-        return out
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
@@ -67,7 +48,7 @@ def test_online_hadamard_on_down_is_exact(model_type):
     ad = adapter_for(rotated)
     rotate_model(rotated, ad, seed=1, online_hadamard=True)
     for _, block in ad.moe_layers(rotated):
-        setattr(block, ad.experts_attr, _HadamardDownExperts(ad.experts(block)))
+        setattr(block, ad.experts_attr, HadamardDownExperts(ad.experts(block)))
     torch.testing.assert_close(_routing(rotated)[0], _routing(model)[0], rtol=1e-5, atol=1e-5)
 
 

@@ -9,7 +9,7 @@ import torch
 import moeq
 from moeq.models import adapter_for
 from moeq.smoothing import aggregate_scales, smooth_model, smooth_scales
-from moeq.testing import logits_and_routing, TINY_CONFIGS, tiny_model
+from moeq.testing import HadamardDownExperts, logits_and_routing, TINY_CONFIGS, tiny_model
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 CALIB = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
@@ -136,13 +136,34 @@ def test_quantize_model_with_smoothing_records_it():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"smooth": True, "rotation": "hadamard"}, "smooth and rotation cannot be combined"),
     ({"smooth_aggregation": "mean"}, "smooth_aggregation"),
     ({"smooth_alpha": 1.5}, "smooth_alpha"),
 ])
 def test_bad_smoothing_configs_name_the_problem(kwargs, match):
     with pytest.raises(ValueError, match=match):
         moeq.QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v2", "mixtral"])
+def test_rotation_then_smoothing_then_online_hadamard_is_exact(model_type):
+    """The composition quantize_model applies (rotate, smooth in the rotated basis, online Hadamard on the smoothed
+    down weights) computes the original function in float; each step really changed the weights."""
+    from moeq.quantize import transform_model
+
+    model = _fp64_model(model_type)
+    composed = copy.deepcopy(model)
+    ad = adapter_for(composed)
+    cfg = moeq.QuantConfig(rotation="hadamard", online_hadamard=True, smooth=True, rotation_seed=2)
+    rec = transform_model(composed, ad, cfg, CALIB)
+    assert set(rec["smoothing"]["layers"]) == {ad.experts_name(i) for i, _ in ad.moe_layers(composed)}
+    i, blk = ad.moe_layers(composed)[0]
+    norm = getattr(ad.layers(composed)[i], ad.post_attn_norm_attr).weight
+    assert not torch.allclose(norm, torch.ones_like(norm))  # smoothing survived rotation's norm fusion (1 / s)
+    for _, block in ad.moe_layers(composed):
+        setattr(block, ad.experts_attr, HadamardDownExperts(ad.experts(block)))
+    (a, ra), (b, rb) = _routing(model), _routing(composed)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(x, y) for x, y in zip(ra, rb))
 
 
 def test_smoothing_without_calibration_or_after_quantization_is_refused():

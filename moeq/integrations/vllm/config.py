@@ -19,7 +19,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 
 from moeq.config import FORMAT_VERSION as MAX_FORMAT_VERSION  # the newest checkpoint format this moeq reads
 from moeq.config import QUANT_METHOD
-from moeq.integrations.vllm.shards import MoeqServingError
+from moeq.integrations.vllm.shards import MoeqServingError, refuse_act_quant
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class MoeqVllmConfig(QuantizationConfig):
         if version > MAX_FORMAT_VERSION:
             raise MoeqServingError(f"moeq checkpoint format_version {version} is newer than this plugin reads "
                                    f"({MAX_FORMAT_VERSION}); upgrade moeq in the serving environment")
+        refuse_act_quant(full_config)
         self.full_config = full_config
         self.modules: dict[str, dict] = dict(full_config.get("modules", {}))
         self.linear_modules: dict[str, dict] = dict(full_config.get("linear_modules", {}))

@@ -20,6 +20,21 @@ class MoeqServingError(ValueError):
     """A moeq checkpoint cannot be served with the requested engine settings (the message says which)."""
 
 
+def refuse_act_quant(full_config: dict) -> None:
+    """The plugin serves weight-only checkpoints: an activation-quantized one (``act13`` / ``act2`` / ``act``
+    per module) is refused, because its fused-MoE and linear methods call the kernels without activation specs
+    and would silently serve it as W4A16."""
+    for name, m in full_config.get("modules", {}).items():
+        if "act13" in m or "act2" in m:
+            raise MoeqServingError(f"{name}: this checkpoint quantizes activations (act bits "
+                                   f"{(m.get('act13') or m.get('act2'))['bits']}); the vLLM plugin serves weight-only "
+                                   "moeq checkpoints: evaluate it with `moeq eval`, or re-quantize without --act-bits")
+    for name, m in full_config.get("linear_modules", {}).items():
+        if "act" in m:
+            raise MoeqServingError(f"{name}: quantized linear with activation quantization; the vLLM plugin serves "
+                                   "weight-only moeq checkpoints (re-quantize without --act-bits)")
+
+
 @dataclass(frozen=True)
 class Scheme:
     """One packed-weight scheme: bits, resolved group size (never -1 here: the checkpoint stores it resolved
