@@ -106,69 +106,72 @@ def _best_params(w: torch.Tensor, p: torch.Tensor, spec: WeightSpec, scale_dtype
     :func:`_group_error` and taking the first minimum over ``c``; only fewer errors are evaluated exactly:
 
     1. ``LB[c, m]``: a lower bound of ``E`` from the group's max and min alone (their distance to the
-       representable range ``[-z s, (maxq - z) s]`` of ratio ``c``; every other term is >= 0). Free: the
+       representable range ``[-z s, (maxq - z) s]`` of ratio ``c``; every other term is >= 0). Cheap: the
        scales need the max and min anyway.
-    2. Screening, ``_BLOCK`` ratios at a time in order: ``Ê`` (:func:`_screen_errors`) for the pairs with
-       ``LB <= U[m]``, where ``U[m] = min over screened c of (Ê + ALPHA) / (1 - TAU) >= min_c E[c, m]``.
-    3. The exact ``E`` (same elementwise operations and reduction as the brute force, so the same bits)
+    2. Screening, ``_BLOCK`` ratios at a time in order: estimates ``Ê`` (:func:`_screen_errors`) of the
+       groups that have a ratio in the block with ``LB <= U[m]``, where
+       ``U[m] = min over screened c of (Ê + ALPHA) / (1 - TAU) >= min_c E[c, m]``.
+    3. The exact ``E`` (same elementwise operations and reduction as the dense search, so the same bits)
        for the pairs that can still hold the minimum, ``(Ê - ALPHA) / (1 + TAU) <= U``; then the first
        argmin among them. Every other pair has ``E > U >= min E`` and can be neither the minimum nor a tie.
     """
-    m, bits = w.shape[0], spec.bits
+    m, bits, c_count = w.shape[0], spec.bits, p.numel()
     s, z = _minmax_params(w.unsqueeze(0), p.view(-1, 1), bits, spec.sym, scale_dtype)  # [C, M]
     lb = _clip_lower_bound(w, s, z, bits, norm)
-    c_count = p.numel()
-    screened = torch.full((c_count, m), float("inf"), dtype=torch.float64, device=w.device)
-    upper = torch.full((m,), float("inf"), dtype=torch.float64, device=w.device)
+    screened = torch.full((c_count, m), float("inf"), device=w.device)
+    upper = torch.full((m,), float("inf"), device=w.device)
     for c0 in range(0, c_count, _BLOCK):
         c1 = min(c0 + _BLOCK, c_count)
-        cand, grp = (lb[c0:c1] <= upper).nonzero(as_tuple=True)
-        if cand.numel() == 0:
+        rows = (lb[c0:c1] <= upper).any(0).nonzero().squeeze(1)
+        if rows.numel() == 0:
             continue
-        cand = cand + c0
-        est = _screen_errors(w[grp], s[cand, grp], None if z is None else z[cand, grp], bits, norm)
-        screened[cand, grp] = est
-        upper = upper.scatter_reduce(0, grp, (est + _ALPHA) / (1 - _TAU), "amin")
+        if rows.numel() == m:  # every group (always the first block): no gather
+            rows = slice(None)
+        est = _screen_errors(w[rows], s[c0:c1, rows], None if z is None else z[c0:c1, rows], bits, norm)
+        screened[c0:c1, rows] = est
+        upper[rows] = torch.minimum(upper[rows], (est.amin(0) + _ALPHA) / (1 - _TAU))
     cand, grp = ((screened - _ALPHA) / (1 + _TAU) <= upper).nonzero(as_tuple=True)
     sc = s[cand, grp].unsqueeze(-1)
     zc = None if z is None else z[cand, grp].unsqueeze(-1)
-    exact = torch.full((c_count, m), float("inf"), dtype=torch.float32, device=w.device)
-    exact[cand, grp] = _group_error(w[grp].unsqueeze(1), sc, zc, bits, norm)[:, 0]
-    best = exact.argmin(0, keepdim=True)
+    exact = torch.full((m, c_count), float("inf"), device=w.device)  # [M, C]: a contiguous argmin
+    exact[grp, cand] = _group_error(w[grp].unsqueeze(1), sc, zc, bits, norm)[:, 0]
+    best = exact.argmin(1).unsqueeze(0)
     return s.gather(0, best)[0], None if z is None else z.gather(0, best)[0]
 
 
 def _clip_lower_bound(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int, norm: float):
-    """``[C, M]`` float64 lower bounds of the clip search errors of groups ``w [M, g]`` under scales ``s``
+    """``[C, M]`` float32 lower bounds of the clip search errors of groups ``w [M, g]`` under scales ``s``
     / zeros ``z [C, M]``: ``relu(max - hi) ** norm + relu(lo - min) ** norm`` for the range ``[lo, hi]`` of
-    representable values, shrunk by a relative 1e-4 for the float rounding of the exact error (whose terms
-    are ``|d| ** norm`` with ``d`` rounded once, times a pow accurate to ~1e-5)."""
+    representable values, shrunk by a relative 1e-4: the exact error's terms are ``|d| ** norm`` with
+    ``d`` rounded once and a pow accurate to ~1e-5, this bound's are ``exp(norm * log(.))`` of an
+    exactly computed range end (scale times small integer) minus a float32, rounded once."""
     maxq = (1 << bits) - 1
-    zf = z.double() if z is not None else float(1 << (bits - 1))
-    sf = s.double()
-    hi, lo = (maxq - zf) * sf, -zf * sf  # exact: fp16/bf16 scale times a small integer
-    top, bot = w.amax(-1).double(), w.amin(-1).double()
-    over = (top - hi).clamp_min(0).pow(norm) + (lo - bot).clamp_min(0).pow(norm)
-    return over * (1 - 1e-4)
+    zf = z.to(torch.float32) if z is not None else float(1 << (bits - 1))
+    sf = s.to(torch.float32)
+    hi, lo = (maxq - zf) * sf, sf * -zf  # exact: a bf16/fp16 scale times an integer <= 255
+    over_hi = (w.amax(-1) - hi).clamp_min_(0).log_().mul_(norm).exp_()
+    over_lo = (lo - w.amin(-1)).clamp_min_(0).log_().mul_(norm).exp_()
+    return over_hi.add_(over_lo).mul_(1 - 1e-4)
 
 
 def _screen_errors(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int, norm: float):
-    """Estimates of :func:`_group_error` for pairs ``w [P, g]``, ``s``/``z [P]``: float64 ``[P]``.
+    """Estimates of :func:`_group_error` for groups ``w [Mb, g]`` under scales/zeros ``s``/``z [B, Mb]``:
+    float32 ``[B, Mb]``.
 
-    The residual ``d`` is computed exactly as there (``c = clamp(round(w / s))`` with ``c = q - z``, then
-    ``c * s - w``: the product is exact and the subtraction rounds once, so ``d`` is bit-identical);
-    only ``|d| ** norm`` is taken as ``exp(norm * log|d|)``, vectorized and ~15x cheaper than ``pow``.
+    The residual ``d`` is computed exactly as there (``c = clamp(round(w / s))`` equals its ``q - z``, and
+    ``c * s - w``: the product is exact and the subtraction rounds once, so ``d`` is bit-identical); only
+    ``|d| ** norm`` is taken as ``exp(norm * log|d|)``, vectorized and several times cheaper than ``pow``.
     """
     maxq = (1 << bits) - 1
     sf = s.to(torch.float32).unsqueeze(-1)
+    c = torch.div(w, sf).round_()
     if z is None:
         half = float(1 << (bits - 1))
-        c = torch.round(w / sf).clamp_(-half, maxq - half)
+        c.clamp_(-half, maxq - half)
     else:
         zf = z.to(torch.float32).unsqueeze(-1)
-        c = torch.round(w / sf).clamp_(-zf, maxq - zf)
-    d = c.mul_(sf).sub_(w).abs_().log_().mul_(norm).exp_()
-    return d.sum(-1).double()
+        c.clamp_(-zf, maxq - zf)
+    return c.mul_(sf).sub_(w).abs_().log_().mul_(norm).exp_().sum(-1)
 
 
 def rtn_quantize(
