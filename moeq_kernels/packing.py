@@ -29,6 +29,7 @@ the same bytes. Zero points are uint8 rather than packed: ``G`` is often not a m
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -85,24 +86,38 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     qmax = (1 << bits) - 1
     if q3.numel() and (int(q3.min()) < 0 or int(q3.max()) > qmax):
         raise ValueError(f"codes out of range [0, {qmax}] for {bits}-bit packing")
-    v = q3.to(torch.int64)
     nwords = k * bits // 32
     if 32 % bits == 0:
+        # Byte-wise: each byte holds 8 // bits consecutive values (low bits first), and four bytes read as a
+        # little-endian int32 are exactly the word; cheap uint8 ops instead of int64 shifts and sums.
+        # Elsewhere (big-endian), OR the fields in int32. Both equal the definition bit for bit.
         per = 32 // bits
-        shifts = torch.arange(per, device=q3.device, dtype=torch.int64) * bits
-        words = (v.view(e, n, nwords, per) << shifts).sum(-1)
-    else:
-        # Bit-stream packing (3-bit): every value lands at bit offset k*bits; a value that straddles a word
-        # boundary contributes its low bits to word j and its high bits to word j+1. Bits never overlap, so
-        # summation equals bitwise OR.
-        offs = torch.arange(k, device=q3.device, dtype=torch.int64) * bits
-        word, shift = offs // 32, offs % 32
-        lo = (v << shift) & 0xFFFFFFFF
-        words = torch.zeros(e, n, nwords + 1, dtype=torch.int64, device=q3.device)
-        words.scatter_add_(2, word.expand(e, n, k), lo)
-        hi = v >> (32 - shift)  # shift == 0 gives v >> 32 == 0
-        words.scatter_add_(2, (word + 1).expand(e, n, k), hi)
-        words = words[..., :nwords]
+        if sys.byteorder == "little":
+            b = q3.to(torch.uint8)
+            step = 8 // bits
+            byte = b[..., 0::step].clone()
+            for i in range(1, step):
+                byte |= b[..., i::step] << (bits * i)
+            words = byte.contiguous().view(torch.int32)
+        else:
+            v = q3.reshape(e, n, nwords, per)
+            words = torch.empty(e, n, nwords, dtype=torch.int32, device=q3.device)
+            words.copy_(v[..., 0])
+            for i in range(1, per):
+                words |= v[..., i].to(torch.int32) << (bits * i)
+        return words[0] if squeeze else words
+    # Bit-stream packing (3-bit): every value lands at bit offset k*bits; a value that straddles a word
+    # boundary contributes its low bits to word j and its high bits to word j+1. Bits never overlap, so
+    # summation equals bitwise OR.
+    v = q3.to(torch.int64)
+    offs = torch.arange(k, device=q3.device, dtype=torch.int64) * bits
+    word, shift = offs // 32, offs % 32
+    lo = (v << shift) & 0xFFFFFFFF
+    words = torch.zeros(e, n, nwords + 1, dtype=torch.int64, device=q3.device)
+    words.scatter_add_(2, word.expand(e, n, k), lo)
+    hi = v >> (32 - shift)  # shift == 0 gives v >> 32 == 0
+    words.scatter_add_(2, (word + 1).expand(e, n, k), hi)
+    words = words[..., :nwords]
     # Reinterpret the low 32 bits as signed int32 (two's complement).
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return words[0] if squeeze else words.contiguous()

@@ -11,7 +11,7 @@ import math
 import torch
 
 from moeq.config import WeightSpec
-from moeq_kernels.packing import PackedWeight, check_pack_dims, pack, quantize_with_params
+from moeq_kernels.packing import PackedWeight, check_pack_dims, pack
 
 
 def _minmax_params(
@@ -182,7 +182,7 @@ def rtn_quantize(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
-    chunk_rows: int = 4096,
+    chunk_rows: int = 256,
 ) -> PackedWeight:
     """Quantize a weight stack ``w [E, N, K]`` (or ``[N, K]``, treated as E = 1) to the packed format.
 
@@ -199,7 +199,7 @@ def rtn_quantize_with_error(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
-    chunk_rows: int = 4096,
+    chunk_rows: int = 256,
 ) -> tuple[PackedWeight, float]:
     """:func:`rtn_quantize` plus its relative error ``||W - Q||_F / ||W||_F``.
 
@@ -214,19 +214,23 @@ def rtn_quantize_with_error(
     scales = torch.empty(e * n, ngroups, dtype=scale_dtype, device=w.device)
     zeros = None if spec.sym else torch.empty(e * n, ngroups, dtype=torch.uint8, device=w.device)
     codes = torch.empty(e * n, k, dtype=torch.uint8, device=w.device)
+    maxq = (1 << spec.bits) - 1
     err_sq, w_sq = 0.0, 0.0
     for r0 in range(0, e * n, chunk_rows):
-        chunk = rows[r0 : r0 + chunk_rows].to(torch.float32)
-        s, z = group_params(chunk.view(-1, ngroups, g), spec, scale_dtype, w_clip, grid, max_shrink, norm)
+        chunk = rows[r0 : r0 + chunk_rows].to(torch.float32).view(-1, ngroups, g)
+        s, z = group_params(chunk, spec, scale_dtype, w_clip, grid, max_shrink, norm)
         scales[r0 : r0 + chunk_rows] = s
         if zeros is not None:
             zeros[r0 : r0 + chunk_rows] = z
-        q = quantize_with_params(chunk.unsqueeze(0), s.unsqueeze(0), None if z is None else z.unsqueeze(0), spec.bits)[0]
-        codes[r0 : r0 + chunk_rows] = q
+        # the codes of moeq_kernels.packing.quantize_with_params, op for op: round(w / s) + z, clamped
+        sf = s.to(torch.float32).unsqueeze(-1)
         zf = z.to(torch.float32).unsqueeze(-1) if z is not None else float(1 << (spec.bits - 1))
-        deq = (q.view(-1, ngroups, g).to(torch.float32) - zf) * s.to(torch.float32).unsqueeze(-1)
-        err_sq += float((deq.view_as(chunk) - chunk).double().pow(2).sum())
-        w_sq += float(chunk.double().pow(2).sum())
+        q = torch.div(chunk, sf).round_().add_(zf).clamp_(0, maxq)
+        codes[r0 : r0 + chunk_rows] = q.view(-1, k)  # exact small integers: the uint8 cast is exact
+        # error terms in float32 (the format's dequantization), summed per group, then in float64
+        resid = q.sub_(zf).mul_(sf).sub_(chunk)
+        err_sq += float(resid.square_().sum(-1).sum(dtype=torch.float64))
+        w_sq += float(chunk.square().sum(-1).sum(dtype=torch.float64))
     packed = PackedWeight(
         qweight=pack(codes.view(e, n, k), spec.bits),
         scales=scales.view(e, n, ngroups),
