@@ -96,7 +96,7 @@ def group_params(
 # terms that underflow in one formula and not the other (each < 1e-38).
 _TAU = 1e-3
 _ALPHA = 1e-30
-_BLOCK = 8  # ratios screened per step: after each step the bound U tightens and prunes more pairs
+_BLOCK = 4  # ratios screened per step: after each step the bound U tightens and prunes more pairs
 
 
 def _best_params(w: torch.Tensor, p: torch.Tensor, spec: WeightSpec, scale_dtype: torch.dtype, norm: float):
@@ -120,15 +120,17 @@ def _best_params(w: torch.Tensor, p: torch.Tensor, spec: WeightSpec, scale_dtype
     lb = _clip_lower_bound(w, s, z, bits, norm)
     screened = torch.full((c_count, m), float("inf"), device=w.device)
     upper = torch.full((m,), float("inf"), device=w.device)
-    for c0 in range(0, c_count, _BLOCK):
-        c1 = min(c0 + _BLOCK, c_count)
-        rows = (lb[c0:c1] <= upper).any(0).nonzero().squeeze(1)
+    for blk in _screen_order(c_count):
+        rows = (lb[blk] <= upper).any(0).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
         if rows.numel() == m:  # every group (always the first block): no gather
             rows = slice(None)
-        est = _screen_errors(w[rows], s[c0:c1, rows], None if z is None else z[c0:c1, rows], bits, norm)
-        screened[c0:c1, rows] = est
+        est = _screen_errors(w[rows], s[blk][:, rows], None if z is None else z[blk][:, rows], bits, norm)
+        if isinstance(rows, slice):
+            screened[blk] = est
+        else:
+            screened[blk[:, None], rows[None, :]] = est
         upper[rows] = torch.minimum(upper[rows], (est.amin(0) + _ALPHA) / (1 - _TAU))
     cand, grp = ((screened - _ALPHA) / (1 + _TAU) <= upper).nonzero(as_tuple=True)
     sc = s[cand, grp].unsqueeze(-1)
@@ -137,6 +139,15 @@ def _best_params(w: torch.Tensor, p: torch.Tensor, spec: WeightSpec, scale_dtype
     exact[grp, cand] = _group_error(w[grp].unsqueeze(1), sc, zc, bits, norm)[:, 0]
     best = exact.argmin(1).unsqueeze(0)
     return s.gather(0, best)[0], None if z is None else z.gather(0, best)[0]
+
+
+def _screen_order(c_count: int) -> list[torch.Tensor]:
+    """Blocks of ratio indices in screening order: a first probe spread over the grid (a tight ``U`` early),
+    then the rest in grid order. The order changes only how much is pruned, never the result."""
+    probe = list(range(0, c_count, max(1, c_count // _BLOCK)))[:_BLOCK]
+    rest = [c for c in range(c_count) if c not in probe]
+    order = probe + rest
+    return [torch.tensor(order[i : i + _BLOCK]) for i in range(0, c_count, _BLOCK)]
 
 
 def _clip_lower_bound(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int, norm: float):
