@@ -66,10 +66,19 @@ def worker(args_path: str) -> None:
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in data["calib"]]
     model.quantize(calib, batch_size=1)
     wall = time.perf_counter() - t0
-    dtype = str(next(model.model.parameters()).dtype)
-    res = {"wall_s": wall, "dtype": dtype, **perplexity(model.model, data["held"], a["seqlen"])}
-    if res["nonfinite_windows"]:
-        res["first_nonfinite"] = first_nonfinite_module(model.model, data["held"][: a["seqlen"]])
+    res = {"wall_s": wall, "dtype": str(next(model.model.parameters()).dtype),
+           "meta_tensors_after_quantize": sum(t.is_meta for t in model.model.state_dict().values())}
+    # Perplexity of the saved checkpoint, loaded back for inference (GPTQModel's documented flow). The
+    # in-memory model after quantize() is also measured: its skipped modules may not hold real weights.
+    inmem = perplexity(model.model, data["held"], a["seqlen"])
+    res["in_memory"] = inmem
+    if inmem["nonfinite_windows"]:
+        res["in_memory"]["first_nonfinite"] = first_nonfinite_module(model.model, data["held"][: a["seqlen"]])
+    qdir = Path(a["tmp"]) / f"gptqmodel_{Path(a['model']).name}_{a['bits']}"
+    model.save(str(qdir))
+    del model
+    loaded = GPTQModel.load(str(qdir), device="cpu")
+    res.update(perplexity(loaded.model, data["held"], a["seqlen"]))
     print(json.dumps(res), flush=True)
 
 
@@ -83,7 +92,7 @@ def first_nonfinite_module(model, x: torch.Tensor) -> dict | None:
             o = out[0] if isinstance(out, tuple) else out
             if not found and torch.is_tensor(o) and o.is_floating_point() and not torch.isfinite(o).all():
                 inp = args[0] if args and torch.is_tensor(args[0]) else None
-                bufs = {k: bool(torch.isfinite(v.float()).all()) for k, v in
+                bufs = {k: "meta" if v.is_meta else bool(torch.isfinite(v.float()).all()) for k, v in
                         list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
                         if v.is_floating_point()}
                 found.append({"module": name, "class": type(mod).__name__, "finite_tensors": bufs,
@@ -250,14 +259,24 @@ def write_results(a, rows: list, rtn: dict | None, load_start: tuple) -> None:
         if "error" in g:
             gcell, ratio = f"error: {' / '.join(g['error'])[-300:]} | -", "-"
         else:
-            bad = f" ({g['nonfinite_windows']} windows non-finite, {g['dtype']})" if g.get("nonfinite_windows") else ""
-            gcell, ratio = f"{g['wall_s']:.1f} | {g['ppl']:.4f}{bad}", f"{m['wall_s'] / g['wall_s']:.2f}x"
+            gcell, ratio = f"{g['wall_s']:.1f} | {_ppl(g)}", f"{m['wall_s'] / g['wall_s']:.2f}x"
         lines.append(f"| {r['model']} | {r['bits']} | {r['fp_ppl']:.4f} | {m['wall_s']:.1f} | {m['ppl']:.4f} | {gcell} "
                      f"| {ratio} | {_load(r['load'])} |")
     if rtn:
         lines += ["", "RTN W4 g128 of one Qwen3-30B-A3B-shaped experts layer (128 x [1536, 2048] + 128 x [2048, 768]):",
                   *[f"- {k}: {v:.1f} s" for k, v in rtn.items()]]
     a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _ppl(g: dict) -> str:
+    """GPTQModel's reloaded-checkpoint ppl, and the in-memory model's where it differs (non-finite windows)."""
+    out = f"{g['ppl']:.4f}" + (f" ({g['nonfinite_windows']} non-finite windows)" if g["nonfinite_windows"] else "")
+    mem = g.get("in_memory")
+    if mem and mem["nonfinite_windows"]:
+        first = mem.get("first_nonfinite") or {}
+        out += (f"; in memory after quantize(): {mem['ppl']:.4f}, {mem['nonfinite_windows']} non-finite windows, "
+                f"first at {first.get('module')} ({first.get('class')})")
+    return out
 
 
 def _load(avg: tuple) -> str:

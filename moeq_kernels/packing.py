@@ -139,6 +139,9 @@ def unpack(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     e, n, nwords = w3.shape
     k = nwords * 32 // bits
     mask = (1 << bits) - 1
+    if sys.byteorder == "little":
+        codes = _unpack_bytes(w3.contiguous().view(torch.uint8), bits, k)
+        return codes[0] if squeeze else codes
     u = w3.to(torch.int64) & 0xFFFFFFFF
     if 32 % bits == 0:
         per = 32 // bits
@@ -153,6 +156,26 @@ def unpack(qweight: torch.Tensor, bits: int) -> torch.Tensor:
         codes = (lo | torch.where(shift > 0, hi, torch.zeros_like(hi))) & mask
     codes = codes.to(torch.uint8)
     return codes[0] if squeeze else codes
+
+
+def _unpack_bytes(b: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Codes ``[E, N, K]`` uint8 from the little-endian bytes ``b [E, N, K * bits // 8]`` of packed rows.
+
+    The bit stream is the same read bytewise: for 2/4/8 bits each byte holds ``8 // bits`` whole values
+    (low bits first); for 3 bits each 3 bytes (24 bits) hold 8 values, so a 24-bit integer per 3 bytes and
+    8 shifts give them. uint8/int32 ops on ``K`` elements instead of int64 gathers.
+    """
+    e, n, _ = b.shape
+    mask = (1 << bits) - 1
+    if bits == 8:
+        return b.clone()
+    if bits == 3:
+        t = b.view(e, n, k // 8, 3).to(torch.int32)
+        v = t[..., 0] | (t[..., 1] << 8) | (t[..., 2] << 16)  # [E, N, K / 8]: 8 values of 3 bits
+        shifts = torch.arange(0, 24, 3, device=b.device, dtype=torch.int32)
+        return ((v.unsqueeze(-1) >> shifts) & mask).to(torch.uint8).view(e, n, k)
+    shifts = torch.arange(0, 8, bits, device=b.device, dtype=torch.uint8)
+    return ((b.unsqueeze(-1) >> shifts) & mask).view(e, n, k)
 
 
 @dataclass
