@@ -35,16 +35,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIP_NON_EXPERTS = {r"-:.*self_attn.*": {}, r"-:.*shared_expert.*": {}}
 
 
-def perplexity(model, ids: torch.Tensor, seqlen: int) -> float:
-    """exp(mean next-token NLL) over non-overlapping ``seqlen`` windows of ``ids [N]`` int64 (GPTQ convention)."""
-    nll, count = 0.0, 0
+def perplexity(model, ids: torch.Tensor, seqlen: int) -> dict:
+    """exp(mean next-token NLL) over non-overlapping ``seqlen`` windows of ``ids [N]`` int64 (GPTQ convention).
+
+    Returns ``{"ppl", "nonfinite_windows"}``: ``ppl`` is ``inf`` when the mean NLL is too large for exp (a
+    broken model) and ``nan`` when some window's logits are not finite (counted in ``nonfinite_windows``).
+    """
+    nll, count, bad = 0.0, 0, 0
     with torch.no_grad():
         for i in range(ids.numel() // seqlen):
             x = ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0)
             logits = model(input_ids=x).logits.float()
+            bad += int(not torch.isfinite(logits).all())
             nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
             count += seqlen - 1
-    return math.exp(nll / count)
+    mean = nll / count
+    ppl = math.exp(mean) if mean < math.log(sys.float_info.max) else (float("nan") if math.isnan(mean) else float("inf"))
+    return {"ppl": ppl, "nonfinite_windows": bad}
 
 
 def worker(args_path: str) -> None:
@@ -59,7 +66,46 @@ def worker(args_path: str) -> None:
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in data["calib"]]
     model.quantize(calib, batch_size=1)
     wall = time.perf_counter() - t0
-    print(json.dumps({"wall_s": wall, "ppl": perplexity(model.model, data["held"], a["seqlen"])}), flush=True)
+    res = {"wall_s": wall, "dtype": str(next(model.model.parameters()).dtype),
+           "meta_tensors_after_quantize": sum(t.is_meta for t in model.model.state_dict().values())}
+    # Perplexity of the saved checkpoint, loaded back for inference (GPTQModel's documented flow). The
+    # in-memory model after quantize() is also measured: its skipped modules may not hold real weights.
+    inmem = perplexity(model.model, data["held"], a["seqlen"])
+    res["in_memory"] = inmem
+    if inmem["nonfinite_windows"]:
+        res["in_memory"]["first_nonfinite"] = first_nonfinite_module(model.model, data["held"][: a["seqlen"]])
+    qdir = Path(a["tmp"]) / f"gptqmodel_{Path(a['model']).name}_{a['bits']}"
+    model.save(str(qdir))
+    del model
+    loaded = GPTQModel.load(str(qdir), device="cpu")
+    res.update(perplexity(loaded.model, data["held"], a["seqlen"]))
+    print(json.dumps(res), flush=True)
+
+
+def first_nonfinite_module(model, x: torch.Tensor) -> dict | None:
+    """The first module, in execution order, whose output on ``x [T]`` holds a non-finite value: its name,
+    class, and (for a quantized linear) whether its own parameters/buffers are finite and its input was."""
+    found = []
+
+    def hook(name):
+        def fn(mod, args, out):
+            o = out[0] if isinstance(out, tuple) else out
+            if not found and torch.is_tensor(o) and o.is_floating_point() and not torch.isfinite(o).all():
+                inp = args[0] if args and torch.is_tensor(args[0]) else None
+                bufs = {k: "meta" if v.is_meta else bool(torch.isfinite(v.float()).all()) for k, v in
+                        list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+                        if v.is_floating_point()}
+                found.append({"module": name, "class": type(mod).__name__, "finite_tensors": bufs,
+                              "input_finite": None if inp is None else bool(torch.isfinite(inp).all()),
+                              "input_absmax": None if inp is None else float(inp.float().abs().amax())})
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()]
+    with torch.no_grad():
+        model(input_ids=x.unsqueeze(0))
+    for h in handles:
+        h.remove()
+    return found[0] if found else None
 
 
 def _with_pad_token(model_dir: str, tmp: str) -> str:
@@ -97,7 +143,15 @@ def run_moeq(model_dir: Path, bits: int, data: dict, seqlen: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     moeq.quantize_model(model, moeq.QuantConfig(method="gptq", bits=bits, group_size=128), calib=data["calib"])
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "ppl": perplexity(model, data["held"], seqlen)}
+    return {"wall_s": wall, **perplexity(model, data["held"], seqlen)}
+
+
+def run_fp(model_dir: Path, data: dict, seqlen: int) -> dict:
+    """The unquantized float32 model's perplexity (the reference both tools' numbers are read against)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return perplexity(model, data["held"], seqlen)
 
 
 def run_gptqmodel(venv: Path, model_dir: Path, bits: int, data_path: Path, seqlen: int, tmp: Path) -> dict:
@@ -113,9 +167,10 @@ def run_gptqmodel(venv: Path, model_dir: Path, bits: int, data_path: Path, seqle
     return json.loads(lines[-1])
 
 
-def rtn_layer_seconds(experts: int = 128, hidden: int = 2048, inter: int = 768, clip_experts: int = 8) -> dict:
-    """Wall time of moeq's RTN W4 g128 on one Qwen3-30B-A3B-shaped experts module: without the clip search on
-    all ``experts``, with it on ``clip_experts`` of them (its cost is linear in the experts)."""
+def rtn_layer_seconds(experts: int = 128, hidden: int = 2048, inter: int = 768) -> dict:
+    """Wall time of moeq's RTN W4 g128 on one Qwen3-30B-A3B-shaped experts module (``experts`` x
+    ``[2 * inter, hidden]`` gate_up + ``experts`` x ``[hidden, inter]`` down, random weights), with the
+    default settings (MSE clip search on) and without the clip search."""
     from moeq.config import QuantConfig
     from moeq.methods import quantize_experts_rtn
     from moeq.quantizers.report import QuantReport
@@ -128,12 +183,12 @@ def rtn_layer_seconds(experts: int = 128, hidden: int = 2048, inter: int = 768, 
             self.down_proj = torch.nn.Parameter(torch.randn(e, hidden, inter, generator=g) * 0.02)
 
     out = {}
-    for w_clip, e in ((False, experts), (True, clip_experts)):
-        mod = Experts(e)
+    mod = Experts(experts)
+    for w_clip in (True, False):
         t0 = time.perf_counter()
         quantize_experts_rtn("layer", mod, QuantConfig(method="rtn", bits=4, group_size=128, w_clip=w_clip),
                              QuantReport())
-        out[f"{e} experts, w_clip={w_clip}"] = time.perf_counter() - t0
+        out[f"{experts} experts, w_clip={w_clip}" + (" (default)" if w_clip else "")] = time.perf_counter() - t0
     return out
 
 
@@ -159,7 +214,7 @@ def main() -> None:
     tok_ids = lambda text: torch.tensor(tok(text)["input_ids"], dtype=torch.long)  # noqa: E731
     data = {"calib": random_windows(tok_ids(stdlib_text("train", max_bytes=400_000)), a.nsamples, a.seqlen, seed=0),
             "held": tok_ids(stdlib_text("heldout", max_bytes=a.held_bytes))}
-    rows = []
+    rows, load_start = [], os.getloadavg()
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         torch.save(data, tmp / "data.pt")
@@ -167,38 +222,65 @@ def main() -> None:
         if "generated16" in a.models:
             generated_model(dirs["generated16"])
         for name in a.models:
+            fp = run_fp(dirs[name], data, a.seqlen)
+            print(json.dumps({"model": name, "fp": fp}), flush=True)
             for bits in a.bits:
-                row = {"model": name, "bits": bits, "moeq": run_moeq(dirs[name], bits, data, a.seqlen),
+                row = {"model": name, "bits": bits, "fp_ppl": fp["ppl"], "moeq": run_moeq(dirs[name], bits, data, a.seqlen),
                        "gptqmodel": run_gptqmodel(a.venv, dirs[name], bits, tmp / "data.pt", a.seqlen, tmp)}
+                row["load"] = os.getloadavg()
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     rtn = None if a.skip_rtn else rtn_layer_seconds()
-    write_results(a, rows, rtn)
+    write_results(a, rows, rtn, load_start)
 
 
-def write_results(a, rows: list, rtn: dict | None) -> None:
+def write_results(a, rows: list, rtn: dict | None, load_start: tuple) -> None:
     import transformers
 
     gv = subprocess.run([str(a.venv / "bin" / "python"), "-c", "import gptqmodel; print(gptqmodel.__version__)"],
-                        capture_output=True, text=True).stdout.strip()
+                        capture_output=True, text=True).stdout.strip().splitlines()  # it prints a banner first
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "gptqmodel": gv,
-            "commit": commit + " (+ working tree)", "command": " ".join(sys.argv)}
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+            "load average (1/5/15 min) at start, at end": f"{_load(load_start)}; {_load(os.getloadavg())}",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "gptqmodel": gv[-1] if gv else "not installed",
+            "commit": commit + (" (+ working tree)" if dirty else ""), "command": " ".join(sys.argv)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "rtn_layer_s": rtn}, indent=1) + "\n")
     lines = [f"# moeq GPTQ vs GPTQModel (CPU, W* g128 sym, routed experts, {a.nsamples} x {a.seqlen} tokens)", "",
              *[f"- {k}: {v}" for k, v in meta.items()], "",
-             "| model | bits | moeq wall s | moeq ppl | GPTQModel wall s | GPTQModel ppl |", "|---|---|---|---|---|---|"]
+             "| model | bits | fp32 ppl | moeq wall s | moeq ppl | GPTQModel wall s | GPTQModel ppl | moeq / GPTQModel time | load avg after |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        g = r["gptqmodel"]
-        gcell = (f"{g['wall_s']:.1f} | {g['ppl']:.4f}" if "error" not in g else f"error: {' / '.join(g['error'])} | -")
-        lines.append(f"| {r['model']} | {r['bits']} | {r['moeq']['wall_s']:.1f} | {r['moeq']['ppl']:.4f} | {gcell} |")
+        m, g = r["moeq"], r["gptqmodel"]
+        if "error" in g:
+            gcell, ratio = f"error: {' / '.join(g['error'])[-300:]} | -", "-"
+        else:
+            gcell, ratio = f"{g['wall_s']:.1f} | {_ppl(g)}", f"{m['wall_s'] / g['wall_s']:.2f}x"
+        lines.append(f"| {r['model']} | {r['bits']} | {r['fp_ppl']:.4f} | {m['wall_s']:.1f} | {m['ppl']:.4f} | {gcell} "
+                     f"| {ratio} | {_load(r['load'])} |")
     if rtn:
         lines += ["", "RTN W4 g128 of one Qwen3-30B-A3B-shaped experts layer (128 x [1536, 2048] + 128 x [2048, 768]):",
                   *[f"- {k}: {v:.1f} s" for k, v in rtn.items()]]
     a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _ppl(g: dict) -> str:
+    """GPTQModel's reloaded-checkpoint ppl, and the in-memory model's where it differs (non-finite windows)."""
+    out = f"{g['ppl']:.4f}" + (f" ({g['nonfinite_windows']} non-finite windows)" if g["nonfinite_windows"] else "")
+    mem = g.get("in_memory")
+    if mem and mem["nonfinite_windows"]:
+        first = mem.get("first_nonfinite") or {}
+        out += (f"; in memory after quantize(): {mem['ppl']:.4f}, {mem['nonfinite_windows']} non-finite windows, "
+                f"first at {first.get('module')} ({first.get('class')})")
+    return out
+
+
+def _load(avg: tuple) -> str:
+    return "/".join(f"{x:.1f}" for x in avg)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ the same bytes. Zero points are uint8 rather than packed: ``G`` is often not a m
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -85,24 +86,38 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     qmax = (1 << bits) - 1
     if q3.numel() and (int(q3.min()) < 0 or int(q3.max()) > qmax):
         raise ValueError(f"codes out of range [0, {qmax}] for {bits}-bit packing")
-    v = q3.to(torch.int64)
     nwords = k * bits // 32
     if 32 % bits == 0:
+        # Byte-wise: each byte holds 8 // bits consecutive values (low bits first), and four bytes read as a
+        # little-endian int32 are exactly the word; cheap uint8 ops instead of int64 shifts and sums.
+        # Elsewhere (big-endian), OR the fields in int32. Both equal the definition bit for bit.
         per = 32 // bits
-        shifts = torch.arange(per, device=q3.device, dtype=torch.int64) * bits
-        words = (v.view(e, n, nwords, per) << shifts).sum(-1)
-    else:
-        # Bit-stream packing (3-bit): every value lands at bit offset k*bits; a value that straddles a word
-        # boundary contributes its low bits to word j and its high bits to word j+1. Bits never overlap, so
-        # summation equals bitwise OR.
-        offs = torch.arange(k, device=q3.device, dtype=torch.int64) * bits
-        word, shift = offs // 32, offs % 32
-        lo = (v << shift) & 0xFFFFFFFF
-        words = torch.zeros(e, n, nwords + 1, dtype=torch.int64, device=q3.device)
-        words.scatter_add_(2, word.expand(e, n, k), lo)
-        hi = v >> (32 - shift)  # shift == 0 gives v >> 32 == 0
-        words.scatter_add_(2, (word + 1).expand(e, n, k), hi)
-        words = words[..., :nwords]
+        if sys.byteorder == "little":
+            b = q3.to(torch.uint8)
+            step = 8 // bits
+            byte = b[..., 0::step].clone()
+            for i in range(1, step):
+                byte |= b[..., i::step] << (bits * i)
+            words = byte.contiguous().view(torch.int32)
+        else:
+            v = q3.reshape(e, n, nwords, per)
+            words = torch.empty(e, n, nwords, dtype=torch.int32, device=q3.device)
+            words.copy_(v[..., 0])
+            for i in range(1, per):
+                words |= v[..., i].to(torch.int32) << (bits * i)
+        return words[0] if squeeze else words
+    # Bit-stream packing (3-bit): every value lands at bit offset k*bits; a value that straddles a word
+    # boundary contributes its low bits to word j and its high bits to word j+1. Bits never overlap, so
+    # summation equals bitwise OR.
+    v = q3.to(torch.int64)
+    offs = torch.arange(k, device=q3.device, dtype=torch.int64) * bits
+    word, shift = offs // 32, offs % 32
+    lo = (v << shift) & 0xFFFFFFFF
+    words = torch.zeros(e, n, nwords + 1, dtype=torch.int64, device=q3.device)
+    words.scatter_add_(2, word.expand(e, n, k), lo)
+    hi = v >> (32 - shift)  # shift == 0 gives v >> 32 == 0
+    words.scatter_add_(2, (word + 1).expand(e, n, k), hi)
+    words = words[..., :nwords]
     # Reinterpret the low 32 bits as signed int32 (two's complement).
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return words[0] if squeeze else words.contiguous()
@@ -124,6 +139,9 @@ def unpack(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     e, n, nwords = w3.shape
     k = nwords * 32 // bits
     mask = (1 << bits) - 1
+    if sys.byteorder == "little":
+        codes = _unpack_bytes(w3.contiguous().view(torch.uint8), bits, k)
+        return codes[0] if squeeze else codes
     u = w3.to(torch.int64) & 0xFFFFFFFF
     if 32 % bits == 0:
         per = 32 // bits
@@ -138,6 +156,26 @@ def unpack(qweight: torch.Tensor, bits: int) -> torch.Tensor:
         codes = (lo | torch.where(shift > 0, hi, torch.zeros_like(hi))) & mask
     codes = codes.to(torch.uint8)
     return codes[0] if squeeze else codes
+
+
+def _unpack_bytes(b: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Codes ``[E, N, K]`` uint8 from the little-endian bytes ``b [E, N, K * bits // 8]`` of packed rows.
+
+    The bit stream is the same read bytewise: for 2/4/8 bits each byte holds ``8 // bits`` whole values
+    (low bits first); for 3 bits each 3 bytes (24 bits) hold 8 values, so a 24-bit integer per 3 bytes and
+    8 shifts give them. uint8/int32 ops on ``K`` elements instead of int64 gathers.
+    """
+    e, n, _ = b.shape
+    mask = (1 << bits) - 1
+    if bits == 8:
+        return b.clone()
+    if bits == 3:
+        t = b.view(e, n, k // 8, 3).to(torch.int32)
+        v = t[..., 0] | (t[..., 1] << 8) | (t[..., 2] << 16)  # [E, N, K / 8]: 8 values of 3 bits
+        shifts = torch.arange(0, 24, 3, device=b.device, dtype=torch.int32)
+        return ((v.unsqueeze(-1) >> shifts) & mask).to(torch.uint8).view(e, n, k)
+    shifts = torch.arange(0, 8, bits, device=b.device, dtype=torch.uint8)
+    return ((b.unsqueeze(-1) >> shifts) & mask).view(e, n, k)
 
 
 @dataclass

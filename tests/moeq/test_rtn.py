@@ -98,3 +98,44 @@ def test_reported_rtn_error_matches_dequantized_weights():
     p, rel = rtn_quantize_with_error(w, WeightSpec(3, 64, False), torch.bfloat16, chunk_rows=7)
     assert rel == pytest.approx(rel_error(w, p.dequantize(torch.float32)), rel=1e-5)
     assert rel > 0.01
+
+
+def _brute_force_params(w, spec, scale_dtype, norm):
+    """The clip search evaluated densely: every ratio's exact error, first argmin (the pre-#20 code)."""
+    from moeq.quantizers.rtn import _group_error, _minmax_params, clip_ratios
+
+    p = clip_ratios(100, 0.8).view(-1, 1, 1)
+    s, z = _minmax_params(w.unsqueeze(0), p, spec.bits, spec.sym, scale_dtype)
+    best = _group_error(w.unsqueeze(0), s, z, spec.bits, norm).argmin(0, keepdim=True)
+    return s.gather(0, best)[0], None if z is None else z.gather(0, best)[0]
+
+
+def _adversarial_groups(g: int) -> torch.Tensor:
+    """``[8 * 40, 1, g]`` groups that stress the screened search: Gaussian, on a grid (zero errors, ties),
+    half zeros, tiny (|d| ** norm underflows), all-zero (every ratio ties), outliers, one-signed, constant."""
+    gen = torch.Generator().manual_seed(g)
+    w = torch.randn(8, 40, g, generator=gen)
+    w[1] = torch.round(w[1] * 4) / 4
+    w[2, :, : g // 2] = 0
+    w[3] *= 1e-20
+    w[4, ::3] = 0
+    w[5, :, 0] *= 30
+    w[6] = w[6].abs()
+    w[7] = 0.37
+    return w.reshape(-1, 1, g)
+
+
+@pytest.mark.parametrize("g", [32, 128, 40])
+@pytest.mark.parametrize("bits,sym", [(2, True), (3, False), (4, True), (4, False), (8, True)])
+def test_screened_clip_search_equals_brute_force(g, bits, sym):
+    # the search prunes ratios with bounds and screens with exp(norm*log|d|); only exact errors decide, so
+    # the chosen scales/zeros must be those of the dense search bit for bit, ties and degenerate groups included
+    from moeq.quantizers.rtn import group_params
+
+    w = _adversarial_groups(g)
+    spec = WeightSpec(bits, g, sym)
+    for scale_dtype, norm in ((torch.float16, 2.4), (torch.bfloat16, 2.4), (torch.bfloat16, 2.0), (torch.float16, 3.0)):
+        s, z = group_params(w, spec, scale_dtype, norm=norm, max_elems=3000)
+        rs, rz = _brute_force_params(w, spec, scale_dtype, norm)
+        assert torch.equal(s.view(torch.int16), rs.view(torch.int16))
+        assert (z is None and rz is None) or torch.equal(z, rz)
