@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from moeq.cli_flags import add_quant_args, quant_config
 from moeq.cli_checks import check_device, check_positive, check_quantize_args, check_token_ids, warn_binary_text, warn_positions
 from moeq.config import QuantConfig, parse_dtype
 from moeq.io.atomic import check_destination
@@ -26,82 +27,6 @@ from moeq.models import UnsupportedModelError
 
 logger = logging.getLogger("moeq.cli")
 USER_ERRORS = (CheckpointError, UnsupportedModelError, ValueError, OSError, SafetensorError)
-
-
-def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    from moeq.quantizers import METHODS
-
-    p.add_argument("--method", default="rtn", choices=sorted(METHODS), help="quantization method")
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    p.add_argument("--group-size", type=int, default=128, help="input features per scale group; -1 = per-channel")
-    p.add_argument("--asym", action="store_true", help="asymmetric quantization (zero points)")
-    p.add_argument("--no-clip", action="store_true", help="disable the per-group MSE clipping search")
-    p.add_argument("--scale-dtype", default="auto", choices=["auto", "float16", "bfloat16"])
-    p.add_argument("--override", action="append", default=[], metavar="MODULE=JSON",
-                   help='per-module spec, e.g. model.layers.0.mlp.experts.down=\'{"bits": 8}\'')
-    p.add_argument("--quantize-linears", nargs="*", default=[], choices=["attention", "shared_experts", "dense_mlp"],
-                   help="also quantize these linear groups (default: routed experts only)")
-    p.add_argument("--rotate", action="store_true", help="QuaRot-style Hadamard rotation + online Hadamard on expert down inputs")
-    p.add_argument("--no-online-hadamard", action="store_true", help="with --rotate: rotate the residual stream only")
-    p.add_argument("--router-bits", type=int, choices=[8], default=None, help="round routers to 8 bits")
-    a = p.add_argument_group("activation quantization (dynamic per token, symmetric; evaluated on the reference backend)")
-    a.add_argument("--act-bits", type=int, choices=[4, 8], default=None,
-                   help="quantize the routed experts' inputs (gate_up; down after the online Hadamard) to this width")
-    a.add_argument("--act-format", default="int", choices=["int", "fp8_e4m3"], help="fp8_e4m3 needs --act-bits 8")
-    a.add_argument("--act-linears", nargs="*", default=[], choices=["attention", "shared_experts", "dense_mlp"],
-                   help="also quantize the inputs of these --quantize-linears groups")
-    a.add_argument("--act-clip", type=float, default=1.0, help="clip ratio of the per-token absmax, in (0, 1]")
-    a.add_argument("--act-clip-search", action="store_true",
-                   help="search each layer's clip ratios on --calib (output MSE vs 16-bit activations)")
-    a.add_argument("--act-hessian", default="fp", choices=["fp", "quantized"],
-                   help="gptq/agq Hessians from 16-bit inputs (QuaRot) or from act-quantized inputs")
-    m = p.add_argument_group("mixed precision (routed experts)")
-    m.add_argument("--mixed-budget", type=float, default=None, metavar="BITS", help="average bits per expert weight")
-    m.add_argument("--mixed-levels", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"))
-    m.add_argument("--mixed-score", default="affinity", choices=["outlier", "frequency", "affinity", "block"])
-    m.add_argument("--mixed-granularity", default="expert", choices=["layer", "expert", "linear"])
-    g = p.add_argument_group("calibration (gptq, agq, mixed-precision scores)")
-    g.add_argument("--calib", metavar="FILE",
-                   help="calibration text file, or a .jsonl of token ids (moeq calibrate); jsonl samples are "
-                        "truncated / padded to --seqlen with padding masked out")
-    g.add_argument("--nsamples", type=int, default=128)
-    g.add_argument("--seqlen", type=int, default=2048)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--affinity", default="topk", choices=["topk", "softmax"], help="AGQ token weighting")
-    g.add_argument("--act-order", action="store_true")
-    g.add_argument("--damp", type=float, default=0.01)
-    g.add_argument("--fallback", default="blend", choices=["blend", "rtn"], help="few-token experts")
-    g.add_argument("--calibrate-all-experts", action="store_true")
-    g.add_argument("--expert-token-budget", type=int, default=None, metavar="N",
-                   help="at most N calibration tokens per routed expert Hessian (gptq, agq)")
-    g.add_argument("--smooth", action="store_true",
-                   help="EAQuant expert-aware smoothing before quantization (any method; needs --calib)")
-    g.add_argument("--smooth-alpha", type=float, default=0.5, help="smoothing migration strength in [0, 1]")
-    g.add_argument("--smooth-aggregation", default="max", choices=["max", "frequency", "router_prob"],
-                   help="how per-expert smoothing scales are combined into one per layer")
-
-
-def _quant_config(args) -> QuantConfig:
-    overrides = {}
-    for item in args.override:
-        name, sep, js = item.partition("=")
-        if not sep:
-            raise ValueError(f"--override expects MODULE=JSON, got {item!r}")
-        try:
-            overrides[name] = json.loads(js)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--override {name}: invalid JSON ({exc})") from exc
-    return QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=not args.asym,
-                       w_clip=not args.no_clip, scale_dtype=args.scale_dtype, overrides=overrides,
-                       quantize_linears=args.quantize_linears, router_bits=args.router_bits, affinity=args.affinity,
-                       act_order=args.act_order, damp=args.damp, sparse_expert_fallback=args.fallback,
-                       calibrate_all_experts=args.calibrate_all_experts,
-                       expert_token_budget=args.expert_token_budget, smooth=args.smooth,
-                       smooth_alpha=args.smooth_alpha, smooth_aggregation=args.smooth_aggregation,
-                       rotation="hadamard" if args.rotate else None,
-                       online_hadamard=args.rotate and not args.no_online_hadamard, act_bits=args.act_bits,
-                       act_format=args.act_format, act_linears=args.act_linears, act_clip=args.act_clip,
-                       act_clip_search=args.act_clip_search, act_hessian=args.act_hessian)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--offload-dir", default=None, metavar="DIR",
                    help="keep the calibration activations between layers in files under DIR instead of memory "
                         "(one sample in memory at a time; same results)")
-    _add_quant_args(q)
+    add_quant_args(q)
 
     e = sub.add_parser("eval", help="perplexity, routing agreement and lm-eval tasks of a (quantized) checkpoint")
     e.add_argument("--model", required=True)
@@ -209,7 +134,7 @@ def cmd_quantize(args) -> int:
 
     src = _require_dir(args.model)
     check_quantize_args(args)
-    config = _quant_config(args)
+    config = quant_config(args)
     hf_config = AutoConfig.from_pretrained(src)
     adapter_for(hf_config)  # fail before loading any weight
     check_destination(args.out, [src], args.overwrite)

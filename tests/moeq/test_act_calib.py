@@ -11,7 +11,8 @@ import torch
 import moeq
 from moeq.act_calib import search_clip, search_experts_clips, search_linear_clip
 from moeq.calib.capture import CalibExperts
-from moeq.cli import _quant_config, build_parser
+from moeq.cli import build_parser
+from moeq.cli_flags import quant_config as _quant_config
 from moeq.cli_checks import check_quantize_args
 from moeq.io.checkpoint import CheckpointError
 from moeq.io.export import ExportError, export_checkpoint

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+import moeq
 from moeq.cli import main
 from moeq.eval.perplexity import perplexity, windows
 from moeq.testing import tiny_model, tiny_tokenizer
@@ -95,3 +96,29 @@ def test_demo_runs(tmp_path, capsys):
     diff, peak = re.search(r"fake-quant max \|diff\| (\S+);.*\(max \|logit\| (\S+)\)", out).groups()
     assert float(diff) <= 1e-5 * float(peak), out
     assert "generate:" in out
+
+
+def test_every_config_field_has_a_flag_or_is_listed_api_only():
+    """The flag table (moeq/cli_flags.py) is the one place a setting reaches the CLI: a new QuantConfig field
+    must get a row there or be listed in NOT_ON_CLI."""
+    import dataclasses
+
+    from moeq.cli_flags import NOT_ON_CLI, QUANT_FLAGS
+
+    fields = {f.name for f in dataclasses.fields(moeq.QuantConfig)}
+    on_cli = {f.field for f in QUANT_FLAGS if f.field}
+    assert fields == on_cli | NOT_ON_CLI and not on_cli & NOT_ON_CLI
+
+
+def test_flags_map_onto_the_config():
+    from moeq.cli import build_parser
+    from moeq.cli_flags import quant_config
+
+    args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "agq", "--bits", "3",
+                                      "--asym", "--no-clip", "--rotate", "--no-online-hadamard", "--fallback", "rtn",
+                                      "--override", 'model.layers.0.mlp.experts.down={"bits": 8}', "--smooth"])
+    c = quant_config(args)
+    assert (c.method, c.bits, c.sym, c.w_clip, c.rotation, c.online_hadamard, c.sparse_expert_fallback, c.smooth) == \
+        ("agq", 3, False, False, "hadamard", False, "rtn", True)
+    assert c.overrides == {"model.layers.0.mlp.experts.down": {"bits": 8}}
+    assert quant_config(build_parser().parse_args(["quantize", "--model", "m", "--out", "o"])) == moeq.QuantConfig()
