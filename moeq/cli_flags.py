@@ -49,8 +49,11 @@ class Flag:
         return self.flag.lstrip("-").replace("-", "_")
 
 
+# argument groups: the stage configs of moeq.stage_configs (a flag's group is the stage owning its field), plus
+# the flags that feed the command itself (mixed-precision planning, calibration data)
 GROUPS = {
     "weights": None,  # the parser's main group
+    "clip": None,
     "rotation": "rotation (QuaRot-style)",
     "router": "routers",
     "activations": "activation quantization (dynamic per token, symmetric; evaluated on the reference backend)",
@@ -66,7 +69,7 @@ QUANT_FLAGS: tuple[Flag, ...] = (
     Flag("--group-size", "group_size", dict(type=int, default=128, help="input features per scale group; -1 = per-channel")),
     Flag("--asym", "sym", dict(action="store_true", help="asymmetric quantization (zero points)"), lambda v, a: not v),
     Flag("--no-clip", "w_clip", dict(action="store_true", help="disable the per-group MSE clipping search"),
-         lambda v, a: not v),
+         lambda v, a: not v, "clip"),
     Flag("--scale-dtype", "scale_dtype", dict(default="auto", choices=["auto", "float16", "bfloat16"])),
     Flag("--override", "overrides", dict(action="append", default=[], metavar="MODULE=JSON",
                                          help='per-module spec, e.g. model.layers.0.mlp.experts.down=\'{"bits": 8}\''),

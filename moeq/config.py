@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moeq_kernels.act_quant import ACT_FORMATS, ActSpec
+from moeq.stage_configs import ACT_CLIP_GRID, STAGE_CONFIGS
 from moeq_kernels.packing import SUPPORTED_BITS
 
 QUANT_METHOD = "moeq"
@@ -15,7 +16,6 @@ FORMAT_VERSION = 2  # 2: shards carry config/layout/data digests (moeq.io.integr
 LINEAR_GROUPS = ("attention", "shared_experts", "dense_mlp")
 SMOOTH_AGGREGATIONS = ("max", "frequency", "router_prob")
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-ACT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)  # default act clip-search grid (1.0 = absmax)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,9 @@ class WeightSpec:
 
 @dataclass
 class QuantConfig:
-    """What ``moeq.quantize_model`` does.
+    """What ``moeq.quantize_model`` / ``moeq.pipeline.quantize_checkpoint`` do: ``method`` plus the settings of
+    every stage, stored flat (the names every checkpoint's ``quantization_config`` holds) and grouped into the
+    stage configs of :mod:`moeq.stage_configs` (:meth:`stage`, :meth:`compose`).
 
     Attributes:
         method: quantizer name, a key of ``moeq.quantizers.METHODS`` (``rtn``; GPTQ-family methods register
@@ -192,6 +194,25 @@ class QuantConfig:
         if self.act_bits is None:
             return None
         return ActSpec(self.act_bits, self.act_format, self.act_clip if clip is None else float(clip))
+
+    def stage(self, name: str):
+        """The config of one stage (a :data:`moeq.stage_configs.STAGE_CONFIGS` dataclass) viewed from this one."""
+        cls = STAGE_CONFIGS[name]
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def compose(cls, method: str = "rtn", **stages) -> "QuantConfig":
+        """A config from stage configs by stage name, e.g. ``compose("gptq", weights=WeightsConfig(bits=3),
+        smoothing=SmoothingConfig(smooth=True))``; stages not given keep their defaults."""
+        unknown = set(stages) - set(STAGE_CONFIGS)
+        if unknown:
+            raise ValueError(f"unknown stage config(s) {sorted(unknown)}; stages are {sorted(STAGE_CONFIGS)}")
+        kw = {"method": method}
+        for name, sc in stages.items():
+            if not isinstance(sc, STAGE_CONFIGS[name]):
+                raise TypeError(f"{name}= needs a {STAGE_CONFIGS[name].__name__}, got {type(sc).__name__}")
+            kw.update(dataclasses.asdict(sc))
+        return cls(**kw)
 
     def default_spec(self) -> WeightSpec:
         return WeightSpec(self.bits, self.group_size, self.sym)

@@ -69,9 +69,10 @@ class RotationStage(Stage):
     def __init__(self, config: QuantConfig, hidden_size: int):
         from moeq.rotation.rotate import random_hadamard
 
-        self.q = random_hadamard(hidden_size, config.rotation_seed)
+        rot = config.stage("rotation")
+        self.q = random_hadamard(hidden_size, rot.rotation_seed)
         # composed with smoothing, the online Hadamard is folded after the down smoothing (OnlineHadamardStage)
-        self.online = config.online_hadamard and not config.smooth
+        self.online = rot.online_hadamard and not config.smooth
 
     def outer(self, model, adapter, part):
         from moeq.rotation.rotate import rotate_outer
@@ -93,7 +94,7 @@ class SmoothStage(Stage):
     def run(self, ctx):
         from moeq.smoothing import smooth_layer
 
-        c = ctx.config
+        c = ctx.config.stage("smoothing")
         entry = smooth_layer(ctx.layer, ctx.idx, ctx.adapter, ctx.inputs, ctx.device, c.smooth_alpha,
                              c.smooth_aggregation, c.smooth_down)
         if entry is not None:
@@ -199,8 +200,9 @@ def stages_for(config: QuantConfig, hidden_size: int, has_calib: bool) -> list[S
         out.append(SmoothStage())
         if config.rotation is not None and config.online_hadamard:
             out.append(OnlineHadamardStage())
-    if config.router_bits == 8:
-        out.append(RouterStage(align=config.router_align and has_calib))
+    router = config.stage("router")
+    if router.router_bits == 8:
+        out.append(RouterStage(align=router.router_align and has_calib))
     out.append(MethodStage(config))
     if config.act_bits is not None:
         out.append(ActStage(config))
