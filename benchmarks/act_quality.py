@@ -134,7 +134,7 @@ def demo_inputs(args):
     train = torch.tensor(tok(stdlib_text("train", max_bytes=1_000_000))["input_ids"])
     held = torch.tensor(tok(stdlib_text("heldout", max_bytes=args.eval_windows * 256 * 2))["input_ids"])
     held = held[: min(held.numel() // 256, args.eval_windows) * 256]
-    return fp, random_windows(train, args.nsamples, args.seqlen, seed=0), held
+    return fp, random_windows(train, args.nsamples, args.seqlen, seed=getattr(args, "calib_seed", 0)), held
 
 
 def tiny_inputs(family: str, args):
@@ -158,7 +158,7 @@ def run(args) -> dict:
         "date": datetime.date.today().isoformat(), "commit": git_commit(), "python": platform.python_version(),
         "torch": torch.__version__, "threads": args.threads, "seconds": round(time.perf_counter() - t_start, 1),
         "clip_grid": moeq.QuantConfig().act_clip_grid, "weight_bits": args.weight_bits, "methods": args.methods,
-        "transforms": args.transforms, "acts": args.acts, "load": os.getloadavg(),
+        "transforms": args.transforms, "acts": args.acts, "calib_seed": args.calib_seed, "load": os.getloadavg(),
         "command": " ".join(["python benchmarks/act_quality.py", *sys.argv[1:]]),
     }
     return res
@@ -187,7 +187,8 @@ def markdown(res: dict) -> str:
             f"of the routed experts quantized per token (dynamic, symmetric) with per-layer clip ratios searched on "
             f"the calibration tokens (grid {m['clip_grid']}), evaluated through the reference backend. Python "
             f"{m['python']}, torch {m['torch']}, {m['threads']} thread(s), commit {m['commit']}, {m['date']}, "
-            f"{m['seconds']:.0f}s" + (f", load average at the end {m['load'][0]:.1f}" if "load" in m else "") + "."),
+            f"{m['seconds']:.0f}s" + (f", load average at the end {m['load'][0]:.1f}" if "load" in m else "")
+            + (f", demo calibration windows drawn with seed {m['calib_seed']}" if "calib_seed" in m else "") + "."),
            "", f"Command: `{m['command']}`", "",
            "Cells: perplexity (relative change vs the 16-bit-activation column of the same method and transform) / "
            "top-k routing overlap with the FP model [range of the searched clip ratios]. Tiny models are randomly "
@@ -250,6 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--transforms", nargs="+", default=list(TRANSFORMS), choices=list(TRANSFORMS))
     ap.add_argument("--acts", nargs="+", default=[a for a, _, _ in ACTS], choices=[a for a, _, _ in ACTS],
                     help="activation columns (named for 4-bit weights; W4A16 is always run: it is the baseline)")
+    ap.add_argument("--calib-seed", type=int, default=0, help="which random calibration windows (demo model)")
     ap.add_argument("--weight-bits", nargs="+", type=int, default=[4], choices=[2, 3, 4, 8])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core box)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "act_quality"))
