@@ -11,8 +11,14 @@ that remain: moeq runs its per-group MSE clip search (``w_clip``), GPTQModel its
 
 GPTQModel runs in its own venv (``pip install gptqmodel`` there; never a dependency of moeq), as a subprocess
 of this script (``--worker``), so its import and model-load time are part of its wall time as moeq's are.
-Also times RTN of one Qwen3-30B-A3B-shaped experts layer (128 experts, H=2048, I=768). Writes
-``benchmarks/results/gptq_speed.{md,json}``.
+GPTQModel's perplexity is that of its saved checkpoint loaded back with ``GPTQModel.load`` (its inference
+flow); the in-memory model right after ``quantize()`` is measured too and reported when it differs: it keeps
+~400-800 tensors on the meta device (lm_head among them), so its logits are garbage (NaN, or a mean NLL too
+large for exp: the OverflowError of an earlier version of this script).
+Thread count: set ``OMP_NUM_THREADS`` for both tools at once (the worker inherits the environment). On a
+shared 2-core machine, 2 threads can make moeq many times slower (barriers of many small OpenMP regions).
+Also times RTN of one Qwen3-30B-A3B-shaped experts layer (128 experts, H=2048, I=768), default settings
+(clip search on) and without the clip search. Writes ``benchmarks/results/gptq_speed.{md,json}`` (``--out``).
 """
 
 from __future__ import annotations
@@ -272,10 +278,10 @@ def _ppl(g: dict) -> str:
     """GPTQModel's reloaded-checkpoint ppl, and the in-memory model's where it differs (non-finite windows)."""
     out = f"{g['ppl']:.4f}" + (f" ({g['nonfinite_windows']} non-finite windows)" if g["nonfinite_windows"] else "")
     mem = g.get("in_memory")
-    if mem and mem["nonfinite_windows"]:
-        first = mem.get("first_nonfinite") or {}
-        out += (f"; in memory after quantize(): {mem['ppl']:.4f}, {mem['nonfinite_windows']} non-finite windows, "
-                f"first at {first.get('module')} ({first.get('class')})")
+    if mem and (mem["nonfinite_windows"] or not math.isfinite(mem["ppl"])):
+        first = mem.get("first_nonfinite")
+        where = f", first at {first['module']} ({first['class']})" if first else ""
+        out += f"; in memory after quantize(): {mem['ppl']:.4f}, {mem['nonfinite_windows']} non-finite windows{where}"
     return out
 
 
