@@ -56,7 +56,10 @@ def perplexity(model, ids: torch.Tensor, seqlen: int) -> dict:
             nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
             count += seqlen - 1
     mean = nll / count
-    ppl = math.exp(mean) if mean < math.log(sys.float_info.max) else (float("nan") if math.isnan(mean) else float("inf"))
+    if math.isnan(mean):
+        ppl = float("nan")
+    else:
+        ppl = math.exp(mean) if mean < math.log(sys.float_info.max) else float("inf")
     return {"ppl": ppl, "nonfinite_windows": bad}
 
 
@@ -231,7 +234,8 @@ def main() -> None:
             fp = run_fp(dirs[name], data, a.seqlen)
             print(json.dumps({"model": name, "fp": fp}), flush=True)
             for bits in a.bits:
-                row = {"model": name, "bits": bits, "fp_ppl": fp["ppl"], "moeq": run_moeq(dirs[name], bits, data, a.seqlen),
+                row = {"model": name, "bits": bits, "fp_ppl": fp["ppl"],
+                       "moeq": run_moeq(dirs[name], bits, data, a.seqlen),
                        "gptqmodel": run_gptqmodel(a.venv, dirs[name], bits, tmp / "data.pt", a.seqlen, tmp)}
                 row["load"] = os.getloadavg()
                 print(json.dumps(row), flush=True)
@@ -258,7 +262,8 @@ def write_results(a, rows: list, rtn: dict | None, load_start: tuple) -> None:
     a.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "rtn_layer_s": rtn}, indent=1) + "\n")
     lines = [f"# moeq GPTQ vs GPTQModel (CPU, W* g128 sym, routed experts, {a.nsamples} x {a.seqlen} tokens)", "",
              *[f"- {k}: {v}" for k, v in meta.items()], "",
-             "| model | bits | fp32 ppl | moeq wall s | moeq ppl | GPTQModel wall s | GPTQModel ppl | moeq / GPTQModel time | load avg after |",
+             "| model | bits | fp32 ppl | moeq wall s | moeq ppl | GPTQModel wall s | GPTQModel ppl "
+             "| moeq / GPTQModel time | load avg after |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, g = r["moeq"], r["gptqmodel"]
