@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+_THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GPTQMODEL_CPU_WORKERS")
 SKIP_NON_EXPERTS = {r"-:.*self_attn.*": {}, r"-:.*shared_expert.*": {}}
 
 
@@ -257,6 +258,7 @@ def write_results(a, rows: list, rtn: dict | None, load_start: tuple) -> None:
             "load average (1/5/15 min) at start, at end": f"{_load(load_start)}; {_load(os.getloadavg())}",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "gptqmodel": gv[-1] if gv else "not installed",
+            "environment": " ".join(f"{k}={os.environ[k]}" for k in _THREAD_ENV if k in os.environ) or "-",
             "commit": commit + (" (+ working tree)" if dirty else ""), "command": " ".join(sys.argv)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "rtn_layer_s": rtn}, indent=1) + "\n")
