@@ -11,8 +11,14 @@ that remain: moeq runs its per-group MSE clip search (``w_clip``), GPTQModel its
 
 GPTQModel runs in its own venv (``pip install gptqmodel`` there; never a dependency of moeq), as a subprocess
 of this script (``--worker``), so its import and model-load time are part of its wall time as moeq's are.
-Also times RTN of one Qwen3-30B-A3B-shaped experts layer (128 experts, H=2048, I=768). Writes
-``benchmarks/results/gptq_speed.{md,json}``.
+GPTQModel's perplexity is that of its saved checkpoint loaded back with ``GPTQModel.load`` (its inference
+flow); the in-memory model right after ``quantize()`` is measured too and reported when it differs: it keeps
+~400-800 tensors on the meta device (lm_head among them), so its logits are garbage (NaN, or a mean NLL too
+large for exp: the OverflowError of an earlier version of this script).
+Thread count: set ``OMP_NUM_THREADS`` for both tools at once (the worker inherits the environment). On a
+shared 2-core machine, 2 threads can make moeq many times slower (barriers of many small OpenMP regions).
+Also times RTN of one Qwen3-30B-A3B-shaped experts layer (128 experts, H=2048, I=768), default settings
+(clip search on) and without the clip search. Writes ``benchmarks/results/gptq_speed.{md,json}`` (``--out``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+_THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GPTQMODEL_CPU_WORKERS")
 SKIP_NON_EXPERTS = {r"-:.*self_attn.*": {}, r"-:.*shared_expert.*": {}}
 
 
@@ -50,7 +57,10 @@ def perplexity(model, ids: torch.Tensor, seqlen: int) -> dict:
             nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
             count += seqlen - 1
     mean = nll / count
-    ppl = math.exp(mean) if mean < math.log(sys.float_info.max) else (float("nan") if math.isnan(mean) else float("inf"))
+    if math.isnan(mean):
+        ppl = float("nan")
+    else:
+        ppl = math.exp(mean) if mean < math.log(sys.float_info.max) else float("inf")
     return {"ppl": ppl, "nonfinite_windows": bad}
 
 
@@ -225,7 +235,8 @@ def main() -> None:
             fp = run_fp(dirs[name], data, a.seqlen)
             print(json.dumps({"model": name, "fp": fp}), flush=True)
             for bits in a.bits:
-                row = {"model": name, "bits": bits, "fp_ppl": fp["ppl"], "moeq": run_moeq(dirs[name], bits, data, a.seqlen),
+                row = {"model": name, "bits": bits, "fp_ppl": fp["ppl"],
+                       "moeq": run_moeq(dirs[name], bits, data, a.seqlen),
                        "gptqmodel": run_gptqmodel(a.venv, dirs[name], bits, tmp / "data.pt", a.seqlen, tmp)}
                 row["load"] = os.getloadavg()
                 print(json.dumps(row), flush=True)
@@ -247,12 +258,14 @@ def write_results(a, rows: list, rtn: dict | None, load_start: tuple) -> None:
             "load average (1/5/15 min) at start, at end": f"{_load(load_start)}; {_load(os.getloadavg())}",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "gptqmodel": gv[-1] if gv else "not installed",
+            "environment": " ".join(f"{k}={os.environ[k]}" for k in _THREAD_ENV if k in os.environ) or "-",
             "commit": commit + (" (+ working tree)" if dirty else ""), "command": " ".join(sys.argv)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "rtn_layer_s": rtn}, indent=1) + "\n")
     lines = [f"# moeq GPTQ vs GPTQModel (CPU, W* g128 sym, routed experts, {a.nsamples} x {a.seqlen} tokens)", "",
              *[f"- {k}: {v}" for k, v in meta.items()], "",
-             "| model | bits | fp32 ppl | moeq wall s | moeq ppl | GPTQModel wall s | GPTQModel ppl | moeq / GPTQModel time | load avg after |",
+             "| model | bits | fp32 ppl | moeq wall s | moeq ppl | GPTQModel wall s | GPTQModel ppl "
+             "| moeq / GPTQModel time | load avg after |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, g = r["moeq"], r["gptqmodel"]
@@ -272,10 +285,10 @@ def _ppl(g: dict) -> str:
     """GPTQModel's reloaded-checkpoint ppl, and the in-memory model's where it differs (non-finite windows)."""
     out = f"{g['ppl']:.4f}" + (f" ({g['nonfinite_windows']} non-finite windows)" if g["nonfinite_windows"] else "")
     mem = g.get("in_memory")
-    if mem and mem["nonfinite_windows"]:
-        first = mem.get("first_nonfinite") or {}
-        out += (f"; in memory after quantize(): {mem['ppl']:.4f}, {mem['nonfinite_windows']} non-finite windows, "
-                f"first at {first.get('module')} ({first.get('class')})")
+    if mem and (mem["nonfinite_windows"] or not math.isfinite(mem["ppl"])):
+        first = mem.get("first_nonfinite")
+        where = f", first at {first['module']} ({first['class']})" if first else ""
+        out += f"; in memory after quantize(): {mem['ppl']:.4f}, {mem['nonfinite_windows']} non-finite windows{where}"
     return out
 
 

@@ -27,6 +27,13 @@ class Hessian:
             self.tokens += xf.shape[0]
             return
         wf = w.reshape(-1).to(self.h.device, torch.float32)
+        if bool((wf == 1).all()):  # unit weights (plain GPTQ, no padding): sqrt(1) * x == x, no masking
+            # a fresh contiguous copy, as the masked path makes: the same matmul, the same bits
+            xs = xf.clone(memory_format=torch.contiguous_format)
+            self.h.addmm_(xs.T, xs)
+            self.weight += float(wf.sum())
+            self.tokens += wf.numel()
+            return
         keep = wf > 0
         xs = xf[keep] * wf[keep].sqrt().unsqueeze(1)
         self.h.addmm_(xs.T, xs)

@@ -92,8 +92,11 @@ def group_params(
 
 # Screening tolerances of the clip search (see _best_params). The screened error differs from the exact one
 # only by the per-term power function (exp(norm * log|d|) instead of pow) and the float rounding of the
-# sum, both ~1e-5 relative (measured: <= 6.1e-6 per term against float64); TAU is ~100x that. ALPHA covers
-# terms that underflow in one formula and not the other (each < 1e-38).
+# sum, both ~1e-5 relative (measured per term against float64: pow <= 2.7e-6, exp/log <= 6.1e-6); TAU is
+# ~100x that. ALPHA covers terms that underflow in one formula and not the other (each < 1e-38).
+# Bit-identity with the dense search also needs each row's pow and sum to be position-independent: true for
+# g a multiple of 32 (every group size the project uses); for a per-channel K that is not, the dense
+# search itself gave chunk-dependent last bits (torch's scalar tail of the vectorized pow).
 _TAU = 1e-3
 _ALPHA = 1e-30
 _BLOCK = 4  # ratios screened per step: after each step the bound U tightens and prunes more pairs
@@ -108,8 +111,8 @@ def _best_params(w: torch.Tensor, p: torch.Tensor, spec: WeightSpec, scale_dtype
     1. ``LB[c, m]``: a lower bound of ``E`` from the group's max and min alone (their distance to the
        representable range ``[-z s, (maxq - z) s]`` of ratio ``c``; every other term is >= 0). Cheap: the
        scales need the max and min anyway.
-    2. Screening, ``_BLOCK`` ratios at a time in order: estimates ``Ê`` (:func:`_screen_errors`) of the
-       groups that have a ratio in the block with ``LB <= U[m]``, where
+    2. Screening, ``_BLOCK`` ratios at a time (order: :func:`_screen_order`): estimates ``Ê``
+       (:func:`_screen_errors`) of the groups that have a ratio in the block with ``LB <= U[m]``, where
        ``U[m] = min over screened c of (Ê + ALPHA) / (1 - TAU) >= min_c E[c, m]``.
     3. The exact ``E`` (same elementwise operations and reduction as the dense search, so the same bits)
        for the pairs that can still hold the minimum, ``(Ê - ALPHA) / (1 + TAU) <= U``; then the first
