@@ -100,6 +100,14 @@ def _calib_file(path: Path, nsamples: int, seqlen: int, vocab: int) -> Path:
     return f
 
 
+def import_baseline_bytes() -> int:
+    """Peak RSS of a process that only imports what ``moeq quantize`` imports (torch, transformers, triton,
+    moeq and the model's modeling file): the fixed part of every measurement."""
+    code = "import moeq.cli, moeq.pipeline, moeq_kernels.ops, transformers; from transformers import AutoModelForCausalLM"
+    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) * 1024
+
+
 def measure(args, src: Path, size: int) -> dict:
     out = src.parent / (src.name + "-q")
     cmd = [sys.executable, "-m", "moeq", "quantize", "--model", str(src), "--out", str(out), "--overwrite",
@@ -118,12 +126,36 @@ def measure(args, src: Path, size: int) -> dict:
     out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     acts = args.nsamples * args.seqlen * _config(args).hidden_size * 2 if args.method != "rtn" else 0
     return {"checkpoint_bytes": size, "peak_rss_bytes": peak_kib * 1024, "ratio": peak_kib * 1024 / size,
+            "import_baseline_bytes": import_baseline_bytes(),
             "calibration_activation_bytes": acts, "output_bytes": out_bytes, "wall_s": wall, "command": " ".join(cmd[1:])}
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results table of measured rows (one per run)."""
+    lines = ["# Streaming quantization: peak host memory vs checkpoint size", "",
+             "`moeq quantize` on generated checkpoints with real layer shapes (random bf16 weights, stored per expert "
+             "like a hub checkpoint, one shard per layer), peak RSS of the process from `/usr/bin/time -v` "
+             "(includes ~0.6 GB of torch/transformers/triton imports). Made by `benchmarks/stream_memory.py`.", "",
+             "| date | commit | checkpoint | method | calibration | checkpoint GiB | peak RSS GiB | ratio | "
+             "peak above imports GiB | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shape = f"{r['shape']} dims, H {r['hidden']}, E {r['experts']}, {r['layers']} layers"
+        cal = f"{r['nsamples']} x {r['seqlen']} ({r['calibration_activation_bytes'] / 2**20:.0f} MiB of activations)" \
+            if r["nsamples"] else "-"
+        method = r["method"] + ("" if r["clip"] else ", no clip")
+        above = f"{(r['peak_rss_bytes'] - r['import_baseline_bytes']) / 2**30:.2f}" if "import_baseline_bytes" in r else "-"
+        note = f" ({r['note']})" if r.get("note") else ""
+        lines.append(f"| {r['date']} | {r['commit'][:12]} | {shape} | {method}{note} | {cal} | "
+                     f"{r['checkpoint_bytes'] / 2**30:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['ratio']:.3f} | "
+                     f"{above} | {r['wall_s']:.0f} |")
+    lines += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in rows), ""]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", type=Path, required=True, help="scratch directory (the generated checkpoint goes here)")
+    ap.add_argument("--dir", type=Path, help="scratch directory (the generated checkpoint goes here)")
     ap.add_argument("--shape", default="Qwen3-30B-A3B")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=None)
@@ -135,7 +167,13 @@ def main(argv=None) -> int:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--results", type=Path, default=None, help="append the row to this JSON list")
+    ap.add_argument("--markdown", type=Path, default=None, help="only write the table of --results to this file")
     args = ap.parse_args(argv)
+    if args.markdown is not None:
+        args.markdown.write_text(markdown(json.loads(args.results.read_text())))
+        return 0
+    if args.dir is None:
+        ap.error("--dir is required to generate and measure a checkpoint")
     src = args.dir / "src"
     t0 = time.perf_counter()
     size = write_checkpoint(src, _config(args))
