@@ -95,10 +95,11 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
         if sys.byteorder == "little":
             b = q3.to(torch.uint8)
             step = 8 // bits
-            byte = b[..., 0::step].clone()
+            # contiguous_format: a size-1 dim may carry any stride ("contiguous" all the same), which view() rejects
+            byte = b[..., 0::step].clone(memory_format=torch.contiguous_format)
             for i in range(1, step):
                 byte |= b[..., i::step] << (bits * i)
-            words = byte.contiguous().view(torch.int32)
+            words = byte.view(torch.int32)
         else:
             v = q3.reshape(e, n, nwords, per)
             words = torch.empty(e, n, nwords, dtype=torch.int32, device=q3.device)

@@ -49,3 +49,12 @@ def test_unpack_of_arbitrary_words_and_strided_input(bits):
     assert not strided.is_contiguous()
     for x in (w, strided, w[1]):
         assert torch.equal(pack(unpack(x, bits), bits), x)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_size_one_dim_with_odd_stride(bits):
+    # a [1, K] view of a [K, 1] tensor counts as contiguous with stride (1, 1); the bytewise path must not
+    # reinterpret its bytes in place (export packs such single-group zero points)
+    q = torch.randint(0, 2**bits, (64, 1), generator=torch.Generator().manual_seed(bits)).t()
+    assert q.stride() == (1, 1)
+    assert torch.equal(pack(q, bits), _reference_words(q[None], bits)[0])
