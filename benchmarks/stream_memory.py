@@ -140,7 +140,8 @@ def markdown(rows: list[dict]) -> str:
              "peak above imports GiB | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        shape = f"{r['shape']} dims, H {r['hidden']}, E {r['experts']}, {r['layers']} layers"
+        real = r["hidden"] == 2048 and r["experts"] == 128
+        shape = f"{r['shape']} {'dims' if real else 'structure'}, H {r['hidden']}, E {r['experts']}, {r['layers']} layers"
         cal = f"{r['nsamples']} x {r['seqlen']} ({r['calibration_activation_bytes'] / 2**20:.0f} MiB of activations)" \
             if r["nsamples"] else "-"
         method = r["method"] + ("" if r["clip"] else ", no clip")

@@ -178,7 +178,8 @@ def test_smoothing_without_calibration_or_after_quantization_is_refused():
 
 
 def test_cli_flags_reach_the_config():
-    from moeq.cli import _quant_config, build_parser
+    from moeq.cli import build_parser
+    from moeq.cli_flags import quant_config as _quant_config
 
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--smooth", "--smooth-alpha", "0.3",
                                       "--smooth-aggregation", "router_prob", "--expert-token-budget", "64"])
