@@ -97,7 +97,8 @@ def calibration_sets(fp, tok, prose_ids, args, seed: int, workdir: Path) -> tupl
         x = random_windows(ids, args.nsamples, args.seqlen, seed=seed)
         sets[name] = {"input_ids": x, "attention_mask": torch.ones_like(x)}
     t0 = time.perf_counter()
-    res = ebss_generate(fp, tok, EBSSConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=seed), progress=False)
+    res = ebss_generate(fp, tok, EBSSConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=seed, **_ebss_settings(args)),
+                        progress=False)
     path = workdir / f"ebss-{seed}.jsonl"
     write_jsonl(res, path)
     sets["ebss"] = load_jsonl(path, args.seqlen, args.nsamples)
@@ -143,7 +144,8 @@ def run(args, prose: str) -> dict:
                    "torch": torch.__version__, "threads": args.threads, "nsamples": args.nsamples,
                    "seqlen": args.seqlen, "seeds": args.seeds, "bits": args.bits, "eval_tokens": held.numel(),
                    "prose_dir": str(PROSE_DIR), "prose_bytes": len(prose.encode()),
-                   "ebss_tau": EBSSConfig().tau, "seconds": round(time.perf_counter() - t_start, 1),
+                   "ebss_tau": EBSSConfig(**_ebss_settings(args)).tau,
+                   "ebss_balance": EBSSConfig(**_ebss_settings(args)).balance, "seconds": round(time.perf_counter() - t_start, 1),
                    "command": " ".join(["python benchmarks/ood_quality.py", *sys.argv[1:]])}
     return out
 
@@ -158,7 +160,7 @@ def markdown(res: dict) -> str:
     out = ["# Out-of-domain calibration (demo code model, prose calibration)", "",
            (f"Eval: {m['eval_tokens']} held-out stdlib tokens (FP perplexity {res['fp']['ppl']:.4f}). Calibration "
             f"{m['nsamples']} x {m['seqlen']} tokens per set; prose = {m['prose_bytes']} bytes of "
-            f"`{m['prose_dir']}` licence texts; EBSS default settings (tau {m['ebss_tau']:g}); seeds "
+            f"`{m['prose_dir']}` licence texts; EBSS {m.get('ebss_balance', 'default')} balance, tau {m['ebss_tau']:g}; seeds "
             f"{', '.join(map(str, m['seeds']))}; routed experts, symmetric g128. Python {m['python']}, torch "
             f"{m['torch']}, {m['threads']} thread, commit {m['commit']}, {m['date']}, {m['seconds']:.0f}s."), "",
            f"Command: `{m['command']}`", "",
@@ -196,6 +198,14 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _ebss_settings(args) -> dict:
+    """``EBSSConfig`` overrides from ``--ebss BALANCE:K:TAU`` (none: the defaults)."""
+    if not args.ebss:
+        return {}
+    balance, k, tau = args.ebss.split(":")
+    return {"balance": balance, "candidates": int(k), "tau": float(tau)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nsamples", type=int, default=32)
@@ -204,6 +214,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 2], choices=[2, 3, 4, 8])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ebss", default=None, metavar="BALANCE:K:TAU",
+                    help="EBSS balance, candidates per beam and tau instead of the defaults (e.g. sample:4:0.25, "
+                         "the former default)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ood_quality"))
     args = ap.parse_args(argv)
     prose = prose_text()
