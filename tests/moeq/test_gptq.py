@@ -196,3 +196,20 @@ def test_batched_experts_bit_identical_to_one_at_a_time(spec, act_order, one_thr
         assert torch.equal(stacked.scales[e].view(torch.int16), one.scales[0].view(torch.int16))
         assert (one.qzeros is None) or torch.equal(stacked.qzeros[e], one.qzeros[0])
         assert errs[e] == pytest.approx(err, rel=1e-6)
+
+
+def test_expert_chunks_do_not_change_results(monkeypatch):
+    """GPTQ batches a layer's experts in chunks of STACK_BYTES (a memory bound): chunks of one expert give the
+    bytes of the unchunked batch."""
+    from moeq.quantizers import gptq_layer
+    from moeq.testing import tiny_model
+
+    calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    cfg = moeq.QuantConfig(method="gptq", bits=4, group_size=32)
+    outs = []
+    for budget in (gptq_layer.STACK_BYTES, 1):
+        monkeypatch.setattr(gptq_layer, "STACK_BYTES", budget)
+        m = tiny_model("qwen3_moe")
+        moeq.quantize_model(m, cfg, calib=calib)
+        outs.append({k: v for k, v in m.state_dict().items() if k.endswith(("qweight", "scales"))})
+    assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
