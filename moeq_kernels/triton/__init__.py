@@ -48,14 +48,20 @@ def fused_experts_supports(device: torch.device, **attrs) -> str | None:
     for name in ("w13_bits", "w2_bits"):
         if attrs.get(name) not in _KERNEL_BITS:
             return f"{name}={attrs.get(name)} not in {_KERNEL_BITS}"
+    return _shape_reason(attrs, fit_block_k, "", "needs K a multiple of 16 and groups aligned")
+
+
+def _shape_reason(attrs: dict, fit, what_prefix: str, need: str) -> str | None:
+    """The checks the W4A16 and W4A8 paths share: activation dtype, a K tile (``fit(512, K, group)``) for both
+    projections, and the online Hadamard's tiling plan. None or why not."""
     if attrs.get("dtype") not in _ACT_DTYPES:
         return f"activation dtype {attrs.get('dtype')} is not float16/bfloat16"
     hidden, inter = attrs.get("hidden_dim", 0), attrs.get("intermediate_dim", 0)
     for what, k, gs in (("gate_up", hidden, attrs.get("w13_group_size", -1)),
                         ("down", inter, attrs.get("w2_group_size", -1))):
         g = _group(k, gs)
-        if k <= 0 or g <= 0 or k % g or fit_block_k(512, k, g) is None:
-            return f"{what}: K={k} with group size {gs} has no K tile (needs K a multiple of 16 and groups aligned)"
+        if k <= 0 or g <= 0 or k % g or fit(512, k, g) is None:
+            return f"{what_prefix}{what}: K={k} with group size {gs} has no K tile ({need})"
     if attrs.get("online_hadamard"):
         return plan_reason(inter)
     return None
@@ -69,18 +75,8 @@ def _w4a8_reason(attrs: dict) -> str | None:
                 f"act2={act2} (other activation formats run on the reference backend)")
     if attrs.get("w13_bits") != 4 or attrs.get("w2_bits") != 4:
         return f"the Triton W4A8 kernels need 4-bit weights, got w13_bits={attrs.get('w13_bits')}, w2_bits={attrs.get('w2_bits')}"
-    if attrs.get("dtype") not in _ACT_DTYPES:
-        return f"activation dtype {attrs.get('dtype')} is not float16/bfloat16"
-    hidden, inter = attrs.get("hidden_dim", 0), attrs.get("intermediate_dim", 0)
-    for what, k, gs in (("gate_up", hidden, attrs.get("w13_group_size", -1)),
-                        ("down", inter, attrs.get("w2_group_size", -1))):
-        g = _group(k, gs)
-        if k <= 0 or g <= 0 or k % g or fit_block_k_w4a8(512, k, g) is None:
-            return (f"W4A8 {what}: K={k} with group size {gs} has no K tile (8-bit dots need a power-of-two tile "
-                    ">= 32 that divides the group and K)")
-    if attrs.get("online_hadamard"):
-        return plan_reason(inter)
-    return None
+    return _shape_reason(attrs, fit_block_k_w4a8, "W4A8 ",
+                         "8-bit dots need a power-of-two tile >= 32 that divides the group and K")
 
 
 def _fused_experts(hidden, top_k_index, top_k_weights, weights):
