@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from moeq_kernels.act_quant import ACT_FORMATS, ActSpec
-from moeq.stage_configs import ACT_CLIP_GRID, STAGE_CONFIGS
 from moeq_kernels.packing import SUPPORTED_BITS
 
+ACT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)  # default act clip-search grid (1.0 = absmax)
 QUANT_METHOD = "moeq"
 FORMAT_VERSION = 2  # 2: shards carry config/layout/data digests (moeq.io.integrity)
 LINEAR_GROUPS = ("attention", "shared_experts", "dense_mlp")
@@ -254,3 +254,43 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(table)}")
     return table[name]
+
+
+# The stages QuantConfig is composed of: (class name, what it holds, its fields). The stage dataclasses are built
+# from QuantConfig's own field declarations below, so each setting's type and default is written once.
+STAGE_FIELDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "weights": ("WeightsConfig", "Default weight spec of the routed experts, per-module overrides, extra linear "
+                "groups, scale dtype.", ("bits", "group_size", "sym", "scale_dtype", "overrides", "quantize_linears")),
+    "clip": ("ClipConfig", "The per-group MSE clip search of RTN and GPTQ (GPTQ's defaults).",
+             ("w_clip", "clip_grid", "clip_max_shrink", "clip_norm")),
+    "rotation": ("RotationConfig", "QuaRot-style residual rotation and the online Hadamard of the routed down inputs.",
+                 ("rotation", "rotation_seed", "online_hadamard")),
+    "smoothing": ("SmoothingConfig", "EAQuant expert-aware smoothing.",
+                  ("smooth", "smooth_alpha", "smooth_aggregation", "smooth_down")),
+    "router": ("RouterConfig", "8-bit routers, KL-aligned with calibration data.", ("router_bits", "router_align")),
+    "gptq": ("GPTQConfig", "GPTQ / AGQ settings and the few-token expert handling.",
+             ("damp", "block_size", "act_order", "affinity", "min_expert_tokens_frac", "sparse_expert_fallback",
+              "calibrate_all_experts", "expert_token_budget")),
+    "mixed": ("MixedConfig", "A mixed-precision plan: per-expert bit widths by experts module (moeq.mixed).",
+              ("expert_bits",)),
+    "activations": ("ActConfig", "Dynamic per-token activation quantization (moeq.act_calib).",
+                    ("act_bits", "act_format", "act_linears", "act_clip", "act_clip_search", "act_clip_grid",
+                     "act_hessian")),
+    "runtime": ("RuntimeConfig", "How the quantized modules run.", ("backend",)),
+}
+
+
+def _stage_class(cls_name: str, doc: str, names: tuple[str, ...]) -> type:
+    """A frozen dataclass of the QuantConfig fields ``names``, with their types and defaults."""
+    declared = {f.name: f for f in dataclasses.fields(QuantConfig)}
+    spec = []
+    for n in names:
+        f = declared[n]
+        kw = {"default": f.default} if f.default is not dataclasses.MISSING else {"default_factory": f.default_factory}
+        spec.append((n, f.type, field(**kw)))
+    cls = dataclasses.make_dataclass(cls_name, spec, frozen=True)
+    cls.__module__, cls.__doc__ = "moeq.stage_configs", doc
+    return cls
+
+
+STAGE_CONFIGS: dict[str, type] = {key: _stage_class(*entry) for key, entry in STAGE_FIELDS.items()}
