@@ -84,9 +84,9 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig
     config = config or QuantConfig()
     src = Path(source)
     dest = check_destination(out, [src], overwrite)
-    sc, plan_model = open_source(src, dtype)  # plan_model: pristine meta model the source reader maps names on
+    sc, plan_model = open_source(src, dtype)
     model = _skeleton(sc, next(plan_model.parameters()).dtype)
-    sc.plan_model = plan_model
+    reader = _Reader(sc, plan_model)
     adapter = adapter_for(model)
     adapter.check(model)
     check_module_names(model, adapter, config)
@@ -102,18 +102,18 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig
     start = run.next_layer
     needs_inputs = any(s.needs_inputs for s in stages)
     acts = None if offload_dir is None else Path(offload_dir) / f"{dest.name}.moeq-inputs"
-    inputs = _first_inputs(sc, model, adapter, stages, run, start, ids, mask, device, acts) \
+    inputs = _first_inputs(reader, model, adapter, stages, run, start, ids, mask, device, acts) \
         if needs_inputs and start < len(layers) else None
     store = torch.device("cpu") if device.type == "cpu" or acts is not None else device
     with tqdm(total=len(layers), initial=start, desc=f"{config.method}: layers", unit="layer") as bar:
         for i in range(start, len(layers)):
-            times = _quantize_layer(sc, model, adapter, config, stages, run, i, names[i], inputs, device, store, report,
+            times = _quantize_layer(reader, model, adapter, config, stages, run, i, names[i], inputs, device, store, report,
                                     acts)
             bar.set_postfix_str(" ".join(f"{k} {v:.1f}s" for k, v in times.items()))
             bar.update(1)
             if on_layer is not None:
                 on_layer(i)
-    return _finish(sc, model, adapter, config, stages, run, names, ids, mask, calib_source, tokenizer, dest,
+    return _finish(reader, model, adapter, config, stages, run, names, ids, mask, calib_source, tokenizer, dest,
                    on_step), report
 
 
@@ -143,20 +143,27 @@ def _outer_names(model: nn.Module, adapter: MoEAdapter) -> list[str]:
     return sorted({k.rpartition(".")[0] for k in model.state_dict() if not k.startswith(lead)})
 
 
-def _load(sc: SourceCheckpoint, model: nn.Module, names: list[str]) -> None:
-    """Read the tensors of modules ``names`` into ``model`` (names are mapped on the unchanging
-    ``sc.plan_model``, so the source plan is built once, whatever the skeleton has become)."""
-    for name in names:
-        for key, t in sc.load_module(name, sc.plan_model).items():
-            assign_tensor(model, key, t)
+@dataclasses.dataclass
+class _Reader:
+    """The source checkpoint and the pristine meta model its names are mapped on: the skeleton changes as its
+    layers are quantized, the plan model does not, so the source plan is built once."""
+
+    sc: SourceCheckpoint
+    plan_model: nn.Module
+
+    def load(self, model: nn.Module, names: list[str]) -> None:
+        """Read the tensors of modules ``names`` into ``model``."""
+        for name in names:
+            for key, t in self.sc.load_module(name, self.plan_model).items():
+                assign_tensor(model, key, t)
 
 
-def _first_inputs(sc, model, adapter, stages: list[Stage], run: PartialRun, start: int, ids, mask, device,
+def _first_inputs(reader: _Reader, model, adapter, stages: list[Stage], run: PartialRun, start: int, ids, mask, device,
                   acts: Path | None):
     """Calibration inputs of layer ``start``: the embeddings' outputs (layer 0) or the saved ones (in memory,
     or a :class:`DiskActivations` under ``acts``)."""
     store = torch.device("cpu") if device.type == "cpu" or acts is not None else device
-    _load(sc, model, [adapter.embed_path])
+    reader.load(model, [adapter.embed_path])
     for s in stages:
         s.outer(model, adapter, "embed")
     sink = None if acts is None or start > 0 else DiskActivations(acts / f"inputs-{start:05d}")
@@ -169,12 +176,12 @@ def _first_inputs(sc, model, adapter, stages: list[Stage], run: PartialRun, star
     return inputs
 
 
-def _quantize_layer(sc, model, adapter, config, stages, run, i, shard, inputs, device, store, report,
+def _quantize_layer(reader: _Reader, model, adapter, config, stages, run, i, shard, inputs, device, store, report,
                     acts: Path | None) -> dict:
     """Read, process, write and free layer ``i``; returns seconds per stage."""
     prefix = f"{adapter.layers_path}.{i}"
     t0 = time.perf_counter()
-    _load(sc, model, [prefix])
+    reader.load(model, [prefix])
     layers = adapter.layers(model)
     times = {"read": time.perf_counter() - t0}
     ctx = LayerContext(i, layers[i].to(device), adapter, config, inputs, device, QuantReport())
@@ -217,10 +224,10 @@ def _shard_meta(config_digest: str, layout_digest: str) -> dict[str, str]:
             META_CONFIG: config_digest, META_LAYOUT: layout_digest}
 
 
-def _finish(sc, model, adapter, config, stages, run: PartialRun, names, ids, mask, calib_source, tokenizer, dest,
+def _finish(reader: _Reader, model, adapter, config, stages, run: PartialRun, names, ids, mask, calib_source, tokenizer, dest,
             on_step) -> Path:
     """Write the non-layer shard, the config and the index, patch the digests in, and swap into place."""
-    _load(sc, model, _outer_names(sc.plan_model, adapter))
+    reader.load(model, _outer_names(reader.plan_model, adapter))
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     for s in stages:
