@@ -174,7 +174,7 @@ def calibrate_layer_act(layer: nn.Module, adapter: MoEAdapter, config: QuantConf
         inputs: ``moeq.runner.LayerInputs`` of the layer (hidden ``[1, L, H]`` per sample, kwargs, masks ``[L]``).
     Sets the chosen specs on the modules and returns ``{module name: choice and per-ratio errors}``.
     """
-    from moeq.runner import _run_layer
+    from moeq.runner import iter_layer
 
     base = config.act_spec()
     experts = _layer_experts(layer, adapter)
@@ -190,7 +190,8 @@ def calibrate_layer_act(layer: nn.Module, adapter: MoEAdapter, config: QuantConf
     try:
         def on_sample(j):
             cap.mask = inputs.masks[j]
-        _run_layer(layer, inputs, device, on_sample=on_sample)
+        for _ in iter_layer(layer, inputs, device, on_sample=on_sample):
+            pass  # the hooks captured the inputs; the outputs are not needed
     finally:
         cap.remove()
     out = {}
@@ -224,7 +225,7 @@ def calibrate_act(model: nn.Module, adapter: MoEAdapter, config: QuantConfig, ca
         return {"clip_search": False, "modules": apply_act_specs(model, adapter, config)}
     if calib is None:
         raise ValueError("act_clip_search needs calibration data (calib=...)")
-    from moeq.runner import _non_layer_modules, _run_layer, capture_inputs
+    from moeq.runner import _non_layer_modules, capture_inputs, run_layer
     from moeq.smoothing import calib_tensors
 
     ids, mask = calib_tensors(calib)
@@ -239,7 +240,7 @@ def calibrate_act(model: nn.Module, adapter: MoEAdapter, config: QuantConfig, ca
             layer = layers[i].to(device)
             modules.update(calibrate_layer_act(layer, adapter, config, i, inputs, device))
             if i + 1 < len(layers):
-                inputs.hidden = [o.to(store) for o in _run_layer(layer, inputs, device)]
+                inputs.hidden = run_layer(layer, inputs, device, store)
             layers[i].to(home)
     finally:
         for m in _non_layer_modules(model, adapter):
