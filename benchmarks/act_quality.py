@@ -35,19 +35,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_common import git_commit  # noqa: E402
-from benchmarks.demo_data import write_results  # noqa: E402
+from benchmarks.demo_data import evaluate, write_results  # noqa: E402
 import moeq  # noqa: E402
 from moeq.act_calib import calibrate_act  # noqa: E402
 from moeq.calib.data import random_windows  # noqa: E402
 from moeq.calib.stdlib import stdlib_text  # noqa: E402
-from moeq.eval.perplexity import windows  # noqa: E402
-from moeq.eval.routing import RouterTap, agreement_from_routes  # noqa: E402
 from moeq.testing import TINY_CONFIGS, tiny_model, tiny_tokenizer  # noqa: E402
 
 ACTS = [("W4A16", None, "int"), ("W4A8-INT8", 8, "int"), ("W4A8-FP8", 8, "fp8_e4m3"), ("W4A4", 4, "int")]
@@ -57,26 +54,6 @@ TRANSFORMS = {"plain": {}, "rotation": {"rotation": "hadamard", "online_hadamard
 
 
 @torch.no_grad()
-def evaluate(model, held: torch.Tensor, seqlen: int, fp_routes: dict | None) -> dict:
-    """Per-window mean token NLL (float64 mean of these = ``moeq eval``'s perplexity convention) and top-k routing
-    agreement with the FP routes (``None``: this is the FP model; its routes are returned)."""
-    nll, per_layer = [], {}
-    with RouterTap(model) as tap:
-        for w in windows(held, seqlen):
-            logits = model(w[None], use_cache=False).logits.float()[0]
-            nll.append(float(F.cross_entropy(logits[:-1], w[1:])))
-            for layer in tap.layers:
-                per_layer.setdefault(layer, []).append(tap.indices[layer].cpu())
-    routes = {"layers": tap.layers, "k": tap.top_k, "E": tap.num_experts,
-              "routes": {layer: torch.cat(v) for layer, v in per_layer.items()}}
-    t = torch.tensor(nll, dtype=torch.float64)
-    out = {"ppl": math.exp(float(t.mean())), "window_nll": nll}
-    if fp_routes is None:
-        return {**out, "routes": routes}
-    agree = agreement_from_routes(routes, fp_routes)
-    return {**out, "topk_overlap": agree["topk_overlap"], "exact_match": agree["exact_match"]}
-
-
 def quant_config(method: str, act_bits, act_format: str, transform: str, group: int, bits: int = 4) -> moeq.QuantConfig:
     return moeq.QuantConfig(method=method, bits=bits, group_size=group, act_bits=act_bits, act_format=act_format,
                             act_clip_search=act_bits is not None, **TRANSFORMS[transform])

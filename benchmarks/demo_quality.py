@@ -33,20 +33,19 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_common import git_commit  # noqa: E402
 import moeq  # noqa: E402
-from benchmarks.demo_data import write_results  # noqa: E402
+from benchmarks.demo_data import evaluate, write_results  # noqa: E402
 from moeq.assets import demo_model_path  # noqa: E402
 from moeq.calib.data import load_jsonl, random_windows  # noqa: E402
 from moeq.calib.ebss import EBSSConfig, ebss_generate, expert_balance_sigma, write_jsonl  # noqa: E402
 from moeq.calib.stdlib import stdlib_text  # noqa: E402
-from moeq.eval.perplexity import perplexity, windows  # noqa: E402
-from moeq.eval.routing import RouterTap, agreement_from_routes, expert_counts  # noqa: E402
+from moeq.eval.perplexity import perplexity  # noqa: E402
+from moeq.eval.routing import expert_counts  # noqa: E402
 
 EVAL_SEQLEN = 256
 SCOPES = {"experts": [], "all": ["attention", "shared_experts"]}
@@ -55,28 +54,6 @@ ROWS = [("RTN", "rtn", None), ("GPTQ", "gptq", "text"), ("AGQ", "agq", "text"),
 
 
 @torch.no_grad()
-def evaluate(model, held: torch.Tensor, fp_routes: dict | None) -> dict:
-    """One pass over the held-out windows: per-window mean token NLL (float64; ``exp(mean)`` of these is the
-    GPTQ-convention perplexity of ``moeq eval``) and every router's top-k ids (hooks), compared with the FP
-    model's routes (``None``: this is the FP model; its routes are returned under ``"routes"``)."""
-    nll, per_layer = [], {}
-    with RouterTap(model) as tap:
-        for w in windows(held, EVAL_SEQLEN):
-            logits = model(w[None], use_cache=False).logits.float()[0]
-            nll.append(float(F.cross_entropy(logits[:-1], w[1:])))
-            for layer in tap.layers:
-                per_layer.setdefault(layer, []).append(tap.indices[layer].cpu())
-    routes = {"layers": tap.layers, "k": tap.top_k, "E": tap.num_experts,
-              "routes": {layer: torch.cat(v) for layer, v in per_layer.items()}}
-    nll = torch.tensor(nll, dtype=torch.float64)
-    out = {"ppl": math.exp(float(nll.mean())), "window_nll": nll.tolist()}
-    if fp_routes is None:
-        return {**out, "routes": routes, "topk_overlap": 1.0, "exact_match": 1.0}
-    agree = agreement_from_routes(routes, fp_routes)
-    return {**out, "topk_overlap": agree["topk_overlap"], "exact_match": agree["exact_match"],
-            "routing_layers": agree["layers"]}
-
-
 def calibration_data(fp, tok, args, seed: int, workdir: Path) -> tuple[dict, dict, dict]:
     """Plain-text windows and EBSS samples (both ``{"input_ids", "attention_mask"}``) drawn with ``seed``, and the
     balance report of both on the FP model."""
@@ -115,7 +92,7 @@ def run(args) -> dict:
     tok = AutoTokenizer.from_pretrained(src)
     held = torch.tensor(tok(stdlib_text("heldout", max_bytes=args.eval_windows * EVAL_SEQLEN))["input_ids"])
     held = held[: held.numel() // EVAL_SEQLEN * EVAL_SEQLEN]
-    fp_res = evaluate(fp, held, None)
+    fp_res = evaluate(fp, held, EVAL_SEQLEN, None)
     fp_routes = fp_res.pop("routes")
     check = perplexity(fp, held, EVAL_SEQLEN)["ppl"]
     assert abs(check - fp_res["ppl"]) < 1e-6 * check, (check, fp_res["ppl"])  # same convention as `moeq eval`
@@ -135,7 +112,7 @@ def run(args) -> dict:
                     cfg = moeq.QuantConfig(method=method, bits=bits, group_size=128, quantize_linears=linears)
                     moeq.quantize_model(model, cfg, calib=calib[data] if data else None)
                     q_s = time.perf_counter() - t0
-                    r = evaluate(model, held, fp_routes)
+                    r = evaluate(model, held, EVAL_SEQLEN, fp_routes)
                     r.update(scope=scope, bits=bits, label=label, method=method, calib=data, seed=seed,
                              quant_seconds=round(q_s, 1))
                     results["rows"].append(r)
