@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -114,11 +115,15 @@ def measure(args, src: Path, size: int) -> dict:
            "--method", args.method, "--restart"]
     if args.no_clip:
         cmd.append("--no-clip")
+    if args.hessian_mib is not None:
+        cmd += ["--hessian-mib", str(args.hessian_mib)]
     if args.method != "rtn":
         cmd += ["--calib", str(_calib_file(src.parent, args.nsamples, args.seqlen, 1000)), "--nsamples",
                 str(args.nsamples), "--seqlen", str(args.seqlen)]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    load_start = os.getloadavg()
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"moeq quantize failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -127,7 +132,9 @@ def measure(args, src: Path, size: int) -> dict:
     acts = args.nsamples * args.seqlen * _config(args).hidden_size * 2 if args.method != "rtn" else 0
     return {"checkpoint_bytes": size, "peak_rss_bytes": peak_kib * 1024, "ratio": peak_kib * 1024 / size,
             "import_baseline_bytes": import_baseline_bytes(),
-            "calibration_activation_bytes": acts, "output_bytes": out_bytes, "wall_s": wall, "command": " ".join(cmd[1:])}
+            "calibration_activation_bytes": acts, "output_bytes": out_bytes, "wall_s": wall, "command": " ".join(cmd[1:]),
+            "threads": env.get("OMP_NUM_THREADS"), "load_avg_start_end": [load_start, os.getloadavg()],
+            **({"note": args.note} if args.note else {})}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -167,6 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-clip", action="store_true")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the quantize process")
+    ap.add_argument("--hessian-mib", type=int, default=None, help="passed to moeq quantize (default: its own)")
+    ap.add_argument("--note", default=None, help="recorded with the row (what differs from the defaults)")
     ap.add_argument("--results", type=Path, default=None, help="append the row to this JSON list")
     ap.add_argument("--markdown", type=Path, default=None, help="only write the table of --results to this file")
     args = ap.parse_args(argv)

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--offload-dir", default=None, metavar="DIR",
                    help="keep the calibration activations between layers in files under DIR instead of memory "
                         "(one sample in memory at a time; same results)")
+    q.add_argument("--hessian-mib", type=int, default=None, metavar="MIB",
+                   help="gptq/agq: collect the experts' Hessians in chunks of about MIB (default 128; a layer's "
+                        "expert inputs are recorded once and replayed per chunk; same results)")
     add_quant_args(q)
 
     e = sub.add_parser("eval", help="perplexity, routing agreement and lm-eval tasks of a (quantized) checkpoint")
@@ -163,7 +166,7 @@ def cmd_quantize(args) -> int:
                                           device=args.calib_device or args.device, tokenizer=tok,
                                           overwrite=args.overwrite, restart=args.restart,
                                           calib_source=str(args.calib) if calib is not None else None,
-                                          offload_dir=args.offload_dir)
+                                          offload_dir=args.offload_dir, hessian_mib=args.hessian_mib)
     else:
         out, report = _quantize_mixed(args, src, config, calib, tok)
     errs = [m.rel_error for m in report.modules]

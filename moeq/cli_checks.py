@@ -38,7 +38,10 @@ def check_positive(args, names: tuple[str, ...]) -> None:
 
 
 def check_quantize_args(args) -> None:
-    check_positive(args, ("nsamples", "seqlen", "expert_token_budget"))
+    check_positive(args, ("nsamples", "seqlen", "expert_token_budget", "hessian_mib"))
+    if args.hessian_mib is not None and args.mixed_budget is not None:
+        raise ValueError("--hessian-mib applies to the streaming pipeline; --mixed-budget runs the whole-model "
+                         "path, which holds every layer's Hessians at once")
     check_device(args.device, "--device")
     check_device(args.calib_device, "--calib-device")
     check_act_args(args)

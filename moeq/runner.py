@@ -115,10 +115,13 @@ def run_sequential(model: nn.Module, adapter: MoEAdapter, config: QuantConfig, i
 
 
 def gptq_layer(layer: nn.Module, idx: int, adapter: MoEAdapter, config: QuantConfig, inputs: LayerInputs,
-               affinity: str, report, device) -> dict:
+               affinity: str, report, device, hessian_bytes: int | None = None, scratch=None) -> dict:
     """GPTQ/AGQ of decoder layer ``idx`` (on ``device``) in place from its calibration ``inputs`` (stage 1, then
-    stage 2; the caller propagates the outputs); returns the layer's calibration metadata by experts name."""
-    lq = LayerQuantizer(adapter, config, idx, layer, affinity, report, device)
+    stage 2; the caller propagates the outputs); returns the layer's calibration metadata by experts name.
+    ``hessian_bytes``: the experts' Hessians are collected in chunks of experts of about this size
+    (default :data:`moeq.quantizers.gptq_layer.HESSIAN_BYTES`; same results whatever it is); ``scratch``: a
+    directory for the experts' recorded inputs when there are several chunks (None: memory)."""
+    lq = LayerQuantizer(adapter, config, idx, layer, affinity, report, device, hessian_bytes, scratch)
     for stage in (1, 2):
         _calibrate_stage(lq, stage, inputs, device)
     for name, m in lq.metadata.items():  # what each expert's Hessian was built from (min/median/few-token)

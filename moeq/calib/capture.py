@@ -59,6 +59,12 @@ class CalibExperts(nn.Module):
         token_budget: at most this many routed tokens per expert in ``hessians`` (None = all); ``routed [E]``
             counts the unmasked routed tokens, ``used [E]`` those that entered ``hessians``.
         act13, act2: activation specs the Hessian inputs are fake-quantized with (module docstring), or None.
+        experts: the experts whose Hessians (routed and all-token) are accumulated (None: all). A layer whose
+            experts' Hessians do not fit in memory at once is calibrated in chunks of experts: the first pass
+            runs with ``record=True``, and :meth:`next_chunk` replays what it recorded for each further chunk.
+        record: keep every call's inputs (``records``) for :meth:`next_chunk`.
+        record_sink: where the recorded hidden states go (an object with ``append`` and indexing, e.g.
+            :class:`moeq.pipeline.activations.DiskActivations` under ``--offload-dir``); None = memory.
     The forward returns zeros: during calibration passes the layer's output is discarded (the MoE block is the
     last sub-module of a decoder layer), so the down projection itself is skipped.
     """
@@ -66,7 +72,8 @@ class CalibExperts(nn.Module):
     def __init__(self, gate_up: torch.Tensor, router: nn.Module, collect: str, affinity: str, act=F.silu,
                  all_tokens_experts: set[int] | None = None, track_input: bool = False,
                  hadamard_down: bool = False, device: torch.device | str = "cpu", token_budget: int | None = None,
-                 act13: ActSpec | None = None, act2: ActSpec | None = None):
+                 act13: ActSpec | None = None, act2: ActSpec | None = None, experts=None, record: bool = False,
+                 record_sink=None):
         super().__init__()
         self.act13, self.act2 = act13, act2
         if affinity not in AFFINITIES:
@@ -82,6 +89,31 @@ class CalibExperts(nn.Module):
         self.token_mask: torch.Tensor | None = None  # [T] 0/1 for the sample in flight (padding -> 0)
         self.token_budget = token_budget
         self.routed, self.used = [0] * e, [0] * e
+        self.active = None if experts is None else set(experts)
+        # per call: (hidden [T, H], top_k_index [T, k], top_k_weights [T, k], token_mask [T] or None)
+        self.records: list | None = [] if record else None
+        self.record_sink = record_sink  # holds the hidden states; records then keep (sink index, device)
+
+    def next_chunk(self, experts) -> None:
+        """Accumulate the Hessians of ``experts`` (only: the previous chunk's are dropped) by replaying the
+        recorded calls. Each expert's Hessian sees the same additions in the same order as in one unchunked
+        pass, so it has the same bits; ``input_hessian`` (all experts' common statistics) is not touched."""
+        if self.records is None:
+            raise RuntimeError("next_chunk needs a first pass with record=True")
+        self.hessians = ExpertHessians(self.hessians.num_experts, self.hessians.dim, self.hessians.device)
+        self.all_hessians = ExpertHessians(self.all_hessians.num_experts, self.all_hessians.dim, self.all_hessians.device)
+        self.active = set(experts)
+        track, self.input_hessian = self.input_hessian, None
+        records, self.records = self.records, None
+        try:
+            for hidden, index, weights, mask in records:
+                if self.record_sink is not None:
+                    j, device = hidden
+                    hidden = self.record_sink[j].to(device)
+                self.token_mask = mask
+                self.forward(hidden, index, weights)
+        finally:
+            self.input_hessian, self.records = track, records
 
     def _check_alignment(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         logits, _, idx = self.router(hidden)
@@ -112,6 +144,12 @@ class CalibExperts(nn.Module):
 
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.records is not None:
+            kept = hidden
+            if self.record_sink is not None:
+                kept = (len(self.record_sink), hidden.device)
+                self.record_sink.append(hidden)
+            self.records.append((kept, top_k_index, top_k_weights, self.token_mask))
         logits = self._check_alignment(hidden, top_k_index)
         mask = torch.ones(hidden.shape[0], device=hidden.device) if self.token_mask is None else self.token_mask.to(hidden.device).float()
         probs = F.softmax(logits.float(), dim=-1)
@@ -121,6 +159,8 @@ class CalibExperts(nn.Module):
         k = top_k_index.shape[1]
         flat = top_k_index.reshape(-1)
         for e in torch.unique(flat).tolist():
+            if self.active is not None and e not in self.active:
+                continue
             slots = self._within_budget(e, (flat == e).nonzero().squeeze(-1), mask, k)
             if slots.numel() == 0:
                 continue
@@ -132,7 +172,9 @@ class CalibExperts(nn.Module):
             else:
                 w = probs[tok, e] * mask[tok]
             self._stats(e, hidden[tok], w, self.hessians)
-        for e in self.all_tokens_experts:
+        for e in sorted(self.all_tokens_experts):
+            if self.active is not None and e not in self.active:
+                continue
             w = mask if self.affinity == "none" else probs[:, e] * mask
             self._stats(e, hidden, w, self.all_hessians)
         return torch.zeros_like(hidden)

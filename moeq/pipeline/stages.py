@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ class LayerContext:
             when no stage needs them.
         calibration: calibration metadata of this layer, by key of ``quantization_config["calibration"]``
             (``smoothing.layers`` / ``router_alignment`` entries are nested under those keys).
+        scratch: a directory for a stage's temporary activation files (under ``--offload-dir``), or None.
     """
 
     idx: int
@@ -45,6 +47,7 @@ class LayerContext:
     device: torch.device
     report: QuantReport
     calibration: dict = field(default_factory=dict)
+    scratch: Path | None = None
 
 
 class Stage:
@@ -143,11 +146,12 @@ class RouterStage(Stage):
 class MethodStage(Stage):
     """The quantization method on this layer: ``rtn`` (no inputs) or GPTQ/AGQ (from its inputs)."""
 
-    def __init__(self, config: QuantConfig):
+    def __init__(self, config: QuantConfig, hessian_bytes: int | None = None):
         from moeq.quantizers import get_method
 
         get_method(config.method)  # an unknown name fails here, before any layer is read
         self.name = config.method
+        self.hessian_bytes = hessian_bytes
         self.needs_inputs = config.method != "rtn"
         self.affinity = {"gptq": "none", "agq": config.affinity}.get(config.method)
         if config.method not in ("rtn", "gptq", "agq"):
@@ -164,7 +168,7 @@ class MethodStage(Stage):
             rtn_layer(ctx.layer, ctx.idx, ctx.adapter, ctx.config, ctx.report)
             return
         meta = gptq_layer(ctx.layer, ctx.idx, ctx.adapter, ctx.config, ctx.inputs, self.affinity, ctx.report,
-                          ctx.device)
+                          ctx.device, self.hessian_bytes, ctx.scratch)
         ctx.calibration.update(meta)
 
 
@@ -191,8 +195,9 @@ class ActStage(Stage):
             ctx.calibration["activations"] = {"clip_search": False, "modules": mods}
 
 
-def stages_for(config: QuantConfig, hidden_size: int, has_calib: bool) -> list[Stage]:
-    """The ordered stages ``config`` enables (``has_calib``: calibration tokens were given)."""
+def stages_for(config: QuantConfig, hidden_size: int, has_calib: bool, hessian_bytes: int | None = None) -> list[Stage]:
+    """The ordered stages ``config`` enables (``has_calib``: calibration tokens were given; ``hessian_bytes``:
+    the GPTQ-family experts' Hessian chunk size, see :func:`moeq.runner.gptq_layer`)."""
     out: list[Stage] = []
     if config.rotation is not None:
         out.append(RotationStage(config, hidden_size))
@@ -203,7 +208,7 @@ def stages_for(config: QuantConfig, hidden_size: int, has_calib: bool) -> list[S
     router = config.stage("router")
     if router.router_bits == 8:
         out.append(RouterStage(align=router.router_align and has_calib))
-    out.append(MethodStage(config))
+    out.append(MethodStage(config, hessian_bytes))
     if config.act_bits is not None:
         out.append(ActStage(config))
     missing = [s.name for s in out if s.needs_inputs and not has_calib]

@@ -41,6 +41,7 @@ from moeq.io.checkpoint import INDEX_NAME, _check_finite_scales, checkpoint_tens
 from moeq.io.integrity import META_CONFIG, META_DATA, META_LAYOUT, canonical_sha256, layout_sha256
 from moeq.io.load import assign_tensor, params_on_meta
 from moeq.io.source import SourceCheckpoint, open_source
+from moeq.memory import release_freed_memory
 from moeq.models import MoEAdapter, adapter_for
 from moeq.pipeline.activations import DiskActivations
 from moeq.pipeline.partial import PartialRun, source_digest, tensor_digest
@@ -58,6 +59,7 @@ _PLACEHOLDER = "0" * 64  # a digest not known until the last layer is done (patc
 def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig | None = None, calib=None, *,
                         dtype: torch.dtype | None = None, device=None, tokenizer=None, overwrite: bool = False,
                         restart: bool = False, calib_source: str | None = None, offload_dir: str | Path | None = None,
+                        hessian_mib: int | None = None,
                         on_layer: Callable[[int], None] | None = None,
                         on_step: Callable[[str], None] | None = None) -> tuple[Path, QuantReport]:
     """Quantize the full-precision checkpoint ``source`` into the moeq checkpoint ``out``, layer by layer.
@@ -75,7 +77,11 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig
             match and refused otherwise).
         calib_source: recorded as ``calibration._samples.source``.
         offload_dir: keep the calibration activations between layers in files under this directory (one per
-            sample, :class:`~moeq.pipeline.activations.DiskActivations`) instead of memory; same results.
+            sample, :class:`~moeq.pipeline.activations.DiskActivations`) instead of memory, and so are the
+            experts' inputs GPTQ/AGQ record for chunked Hessians (``hessian_mib``); same results.
+        hessian_mib: GPTQ/AGQ collect the experts' Hessians in chunks of experts of about this many MiB
+            (default 128, :data:`moeq.quantizers.gptq_layer.HESSIAN_BYTES`): the first calibration pass over a
+            layer records the experts' inputs and later chunks replay them; same results whatever the size.
         on_layer: called with each layer index once the layer is recorded (tests interrupt from it).
         on_step: the final save's fault-injection hook (:class:`moeq.io.atomic.CheckpointTransaction`).
     Returns:
@@ -90,7 +96,10 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantConfig
     adapter = adapter_for(model)
     adapter.check(model)
     check_module_names(model, adapter, config)
-    stages = stages_for(config, model.config.hidden_size, calib is not None)
+    if hessian_mib is not None and hessian_mib < 1:
+        raise ValueError(f"hessian_mib must be >= 1, got {hessian_mib}")
+    stages = stages_for(config, model.config.hidden_size, calib is not None,
+                        None if hessian_mib is None else hessian_mib << 20)
     ids, mask = calib_tensors(calib) if calib is not None else (None, None)
     device = torch.device(device) if device is not None else torch.device("cpu")
     run = PartialRun(dest, _fingerprint(sc, config, ids, mask, model, device), restart)
@@ -184,7 +193,7 @@ def _quantize_layer(reader: _Reader, model, adapter, config, stages, run, i, sha
     reader.load(model, [prefix])
     layers = adapter.layers(model)
     times = {"read": time.perf_counter() - t0}
-    ctx = LayerContext(i, layers[i].to(device), adapter, config, inputs, device, QuantReport())
+    ctx = LayerContext(i, layers[i].to(device), adapter, config, inputs, device, QuantReport(), scratch=acts)
     for s in stages:
         t0 = time.perf_counter()
         s.run(ctx)
@@ -216,6 +225,8 @@ def _quantize_layer(reader: _Reader, model, adapter, config, stages, run, i, sha
     layers[i].to("meta")  # frees the layer: its quantized module structure stays for the config
     times["write"] = time.perf_counter() - t0
     report.modules += ctx.report.modules
+    del ctx, previous, tensors
+    release_freed_memory()  # the next layer reuses none of this layer's heap fragments otherwise
     return times
 
 

@@ -99,7 +99,10 @@ def _column_loop(W: torch.Tensor, hinvs: list[torch.Tensor], perm, scales, zeros
         for i in range(i2 - i1):
             col = int(perm[i1 + i]) if perm is not None else i1 + i
             if perm is None and col % g == 0:
-                cols = torch.cat([W1[:, :, i:], W[:, :, i2:]], dim=2)[:, :, :g]
+                # the group's g columns: the rest of this block, then (when a group spans blocks) the next
+                # ones of W; only those are copied, not the whole remaining stack
+                tail = max(0, g - (i2 - i1 - i))
+                cols = W1[:, :, i : i + g].contiguous() if tail == 0 else torch.cat([W1[:, :, i:], W[:, :, i2 : i2 + tail]], dim=2)
                 s, z = _params(cols, spec, scale_dtype, p)
                 scales[:, :, col // g] = s
                 if zeros is not None:
@@ -129,24 +132,33 @@ def gptq_quantize_stack(w: torch.Tensor, hs: list[torch.Tensor], spec: WeightSpe
         raise ValueError(f"{len(hs)} Hessians for {e_} experts")
     ngroups = check_pack_dims(k, spec.bits, spec.group_size)
     g = k if spec.group_size == -1 else spec.group_size
-    prepared = [_prepare(w[ei], hs[ei], spec, scale_dtype, p) for ei in range(e_)]
     codes = torch.empty(e_, n, k, dtype=torch.uint8, device=w.device)
     scales = torch.empty(e_, n, ngroups, dtype=scale_dtype, device=w.device)
     zeros = None if spec.sym else torch.empty(e_, n, ngroups, dtype=torch.uint8, device=w.device)
     if p.act_order:
-        for ei, (W, hinv, perm, s, z) in enumerate(prepared):
+        for ei in range(e_):  # one expert's working copy at a time
+            W, hinv, perm, s, z = _prepare(w[ei], hs[ei], spec, scale_dtype, p)
             scales[ei], codes_e = s, codes[ei : ei + 1]
             if zeros is not None:
                 zeros[ei] = z
             _column_loop(W.unsqueeze(0), [hinv], perm, scales[ei : ei + 1],
                          None if zeros is None else zeros[ei : ei + 1], codes_e, spec, scale_dtype, p)
+            del W, hinv
     else:
-        W = torch.stack([x[0] for x in prepared])
-        _column_loop(W, [x[1] for x in prepared], None, scales, zeros, codes, spec, scale_dtype, p)
+        W = torch.empty(e_, n, k, dtype=torch.float32, device=w.device)  # filled in place: no second copy
+        hinvs = []
+        for ei in range(e_):
+            W[ei], hinv = _prepare(w[ei], hs[ei], spec, scale_dtype, p)[:2]
+            hinvs.append(hinv)
+        _column_loop(W, hinvs, None, scales, zeros, codes, spec, scale_dtype, p)
+        del W, hinvs
     packed = PackedWeight(pack(codes, spec.bits), scales, zeros, spec.bits, g)
-    delta = packed.dequantize(torch.float32) - w.to(torch.float32)
-    errs = [float(torch.einsum("nk,kl,nl->", delta[ei].clone(), hs[ei].to(torch.float32), delta[ei].clone()))
-            for ei in range(e_)]
+    errs = []
+    for ei in range(e_):  # one expert's delta at a time: the same values as slices of the whole stack's
+        one = PackedWeight(packed.qweight[ei : ei + 1], scales[ei : ei + 1],
+                           None if zeros is None else zeros[ei : ei + 1], spec.bits, g)
+        delta = one.dequantize(torch.float32)[0] - w[ei].to(torch.float32)
+        errs.append(float(torch.einsum("nk,kl,nl->", delta, hs[ei].to(torch.float32), delta)))
     return packed, errs
 
 

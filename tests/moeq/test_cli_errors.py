@@ -44,6 +44,8 @@ def _calib(tmp_path):
     (["--seqlen", "0", "--method", "gptq"], "--seqlen must be >= 1, got 0"),
     (["--device", "bogus"], "--device 'bogus' is not a device"),
     (["--expert-token-budget", "0"], "--expert-token-budget must be >= 1"),
+    (["--hessian-mib", "0", "--method", "gptq"], "--hessian-mib must be >= 1, got 0"),
+    (["--hessian-mib", "64", "--mixed-budget", "3.5"], "--hessian-mib applies to the streaming pipeline"),
     (["--override", "model.layers.0.mlp.expert={\"bits\": 8}"], "overrides names 'model.layers.0.mlp.expert'"),
     (["--override", "model.layers.0.mlp.experts.gate={\"bits\": 8}"], "not a module this run quantizes"),
 ])

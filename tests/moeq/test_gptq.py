@@ -198,18 +198,37 @@ def test_batched_experts_bit_identical_to_one_at_a_time(spec, act_order, one_thr
         assert errs[e] == pytest.approx(err, rel=1e-6)
 
 
-def test_expert_chunks_do_not_change_results(monkeypatch):
-    """GPTQ batches a layer's experts in chunks of STACK_BYTES (a memory bound): chunks of one expert give the
-    bytes of the unchunked batch."""
+CHUNK_CASES = [  # (reason, QuantConfig kwargs)
+    ("plain GPTQ, routed Hessians only", dict(method="gptq", bits=4, group_size=32)),
+    ("AGQ with few-token experts blended with all-token statistics (two Hessians for those experts)",
+     dict(method="agq", bits=3, group_size=32, min_expert_tokens_frac=0.2, sparse_expert_fallback="blend")),
+    ("every expert on all tokens too, zero points, act order", dict(method="gptq", bits=4, group_size=32, sym=False,
+                                                                  act_order=True, calibrate_all_experts=True)),
+    ("a token budget: the replayed chunks must take the same first tokens",
+     dict(method="gptq", bits=4, group_size=32, expert_token_budget=8)),
+    ("few-token experts on RTN", dict(method="agq", bits=4, group_size=32, min_expert_tokens_frac=0.2,
+                                      sparse_expert_fallback="rtn")),
+]
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in CHUNK_CASES], ids=[c[0][:40] for c in CHUNK_CASES])
+def test_expert_chunks_do_not_change_results(monkeypatch, kwargs):
+    """A layer's experts are calibrated in chunks of HESSIAN_BYTES of Hessians (replaying the first pass's
+    recorded expert inputs) and GPTQ-batched in chunks of STACK_BYTES (memory bounds): one expert per chunk
+    gives the bytes, token counts and fallbacks of the unchunked run."""
     from moeq.quantizers import gptq_layer
     from moeq.testing import tiny_model
 
-    calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-    cfg = moeq.QuantConfig(method="gptq", bits=4, group_size=32)
-    outs = []
-    for budget in (gptq_layer.STACK_BYTES, 1):
-        monkeypatch.setattr(gptq_layer, "STACK_BYTES", budget)
+    calib = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))
+    cfg = moeq.QuantConfig(**kwargs)
+    outs, metas = [], []
+    for budget in (None, 1):
+        if budget is not None:
+            monkeypatch.setattr(gptq_layer, "STACK_BYTES", budget)
+            monkeypatch.setattr(gptq_layer, "HESSIAN_BYTES", budget)
         m = tiny_model("qwen3_moe")
-        moeq.quantize_model(m, cfg, calib=calib)
-        outs.append({k: v for k, v in m.state_dict().items() if k.endswith(("qweight", "scales"))})
+        rep = moeq.quantize_model(m, cfg, calib=calib)
+        outs.append({k: v for k, v in m.state_dict().items() if k.endswith(("qweight", "scales", "qzeros"))})
+        metas.append(m.config.quantization_config["calibration"])
     assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    assert metas[0] == metas[1]

@@ -179,3 +179,54 @@ def test_offloaded_activations_same_bytes_and_resume(tmp_path):
     quantize_checkpoint(tmp_path / "src", tmp_path / "disk", config, calib, offload_dir=off)
     assert _files(tmp_path / "disk") == _files(tmp_path / "mem")
     assert not any((off / "disk.moeq-inputs").iterdir())
+
+
+def test_hessian_chunks_same_bytes(tmp_path, monkeypatch):
+    """--hessian-mib reaches the layer quantizer, and experts calibrated one per chunk (their inputs recorded
+    once, replayed per chunk) give the unchunked run's bytes (AGQ with blended few-token experts: two Hessians
+    per such expert)."""
+    from moeq.quantizers import gptq_layer
+
+    tiny_model("qwen2_moe").save_pretrained(tmp_path / "src")
+    config = QuantConfig(method="agq", group_size=32, min_expert_tokens_frac=0.2, sparse_expert_fallback="blend")
+    calib = _calib()
+    quantize_checkpoint(tmp_path / "src", tmp_path / "one", config, calib)
+    seen, chunked = [], gptq_layer.expert_chunks
+
+    def spy(n, dim, extra, budget, dense=0):
+        seen.append(budget)
+        return chunked(n, dim, extra, 1)  # one expert per chunk, whatever the budget
+
+    monkeypatch.setattr(gptq_layer, "expert_chunks", spy)
+    quantize_checkpoint(tmp_path / "src", tmp_path / "chunked", config, calib, hessian_mib=3)
+    assert seen and set(seen) == {3 << 20}
+    assert _files(tmp_path / "chunked") == _files(tmp_path / "one")
+    # under --offload-dir the recorded expert inputs are files too (removed after each stage)
+    from moeq.pipeline import activations
+
+    dirs, init = [], activations.DiskActivations.__init__
+
+    def spy_init(self, directory, fresh=True):
+        dirs.append(directory.name)
+        init(self, directory, fresh)
+
+    monkeypatch.setattr(activations.DiskActivations, "__init__", spy_init)
+    quantize_checkpoint(tmp_path / "src", tmp_path / "chunked_off", config, calib, offload_dir=tmp_path / "acts")
+    assert "expert-inputs" in dirs
+    assert _files(tmp_path / "chunked_off") == _files(tmp_path / "one")
+    assert not any((tmp_path / "acts" / "chunked_off.moeq-inputs").iterdir())
+    with pytest.raises(ValueError, match="hessian_mib must be >= 1"):
+        quantize_checkpoint(tmp_path / "src", tmp_path / "bad", config, calib, hessian_mib=0)
+
+
+def test_expert_chunks_respect_budget():
+    """Chunks are consecutive, cover every expert once, stay within the budget (two Hessians for all-token
+    experts), and hold one expert when one alone exceeds it."""
+    from moeq.quantizers.gptq_layer import expert_chunks
+
+    assert expert_chunks(5, 16, set(), 16 * 16 * 4 * 2) == [[0, 1], [2, 3], [4]]
+    assert expert_chunks(4, 16, {1}, 16 * 16 * 4 * 2) == [[0], [1], [2, 3]]
+    assert expert_chunks(3, 16, set(), 1) == [[0], [1], [2]]
+    assert expert_chunks(3, 16, set(), 1 << 30) == [[0, 1, 2]]
+    assert expert_chunks(4, 16, set(), 16 * 16 * 4 * 2 + 200, extra=100) == [[0, 1], [2, 3]]
+    assert expert_chunks(4, 16, set(), 16 * 16 * 4 * 2 + 199, extra=100) == [[0], [1], [2], [3]]
