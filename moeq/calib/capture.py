@@ -145,10 +145,11 @@ class CalibExperts(nn.Module):
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.records is not None:
-            kept = hidden
             if self.record_sink is not None:
                 kept = (len(self.record_sink), hidden.device)
                 self.record_sink.append(hidden)
+            else:
+                kept = hidden.clone()  # a copy: the model may reuse or modify its buffer after this call
             self.records.append((kept, top_k_index, top_k_weights, self.token_mask))
         logits = self._check_alignment(hidden, top_k_index)
         mask = torch.ones(hidden.shape[0], device=hidden.device) if self.token_mask is None else self.token_mask.to(hidden.device).float()
