@@ -154,9 +154,7 @@ def gptq_quantize_stack(w: torch.Tensor, hs: list[torch.Tensor], spec: WeightSpe
         del W, hinvs
     packed = PackedWeight(pack(codes, spec.bits), scales, zeros, spec.bits, g)
     errs = []
-    for ei in range(e_):  # one expert's delta at a time: the same values as slices of the whole stack's
-        one = PackedWeight(packed.qweight[ei : ei + 1], scales[ei : ei + 1],
-                           None if zeros is None else zeros[ei : ei + 1], spec.bits, g)
+    for ei, one in enumerate(unstack_packed(packed)):  # one expert's delta at a time: the whole stack's values
         delta = one.dequantize(torch.float32)[0] - w[ei].to(torch.float32)
         errs.append(float(torch.einsum("nk,kl,nl->", delta, hs[ei].to(torch.float32), delta)))
     return packed, errs

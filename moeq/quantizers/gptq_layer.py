@@ -73,7 +73,8 @@ class _DequantizedStack:
         return self.cache[e]
 
     def retain(self, experts) -> None:
-        self.cache = {e: t for e, t in self.cache.items() if e in set(experts)}
+        keep = set(experts)
+        self.cache = {e: t for e, t in self.cache.items() if e in keep}
 
 
 class LayerQuantizer:
