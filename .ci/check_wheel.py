@@ -1,5 +1,6 @@
 """CI check of a built wheel: it contains the nvcc-built extension, that extension imports from the unpacked
-wheel (not from the editable checkout), its ops are registered, and fake-tensor shape inference works.
+wheel (not from the editable checkout), its ops are registered, and fake-tensor shape inference works; the
+C sources of the CPU clip search are in it and build from the unpacked wheel.
 
     python .ci/check_wheel.py dist/moeq-*.whl
 """
@@ -13,6 +14,8 @@ wheel = Path(sys.argv[1])
 names = zipfile.ZipFile(wheel).namelist()
 so = [n for n in names if n.startswith("moeq_kernels/_C") and n.endswith(".so")]
 assert so, f"{wheel.name} has no compiled extension moeq_kernels/_C*.so"
+native = {"moeq/quantizers/native/" + f for f in ("clip_screen.c", "clip_screen_rows.h", "rtn_codes.c", "vec.h")}
+assert native <= set(names), f"{wheel.name} lacks the C sources compiled on first use: {sorted(native - set(names))}"
 root = Path(tempfile.mkdtemp())
 zipfile.ZipFile(wheel).extractall(root)
 # import from the unpacked wheel only: drop the editable install's finders and the checkout from sys.path
@@ -37,3 +40,9 @@ with FakeTensorMode():
     out = torch.ops.moeq_C.dequantize(q, s, None, 4, -1)
 assert out.shape == (2, 8, 128) and out.dtype == torch.bfloat16
 print(f"wheel ok: {wheel.name} ({so[0]}), moeq_C ops registered, fake shape inference {tuple(out.shape)}")
+
+from moeq.quantizers import clip_native  # noqa: E402
+
+assert Path(clip_native.__file__).resolve().is_relative_to(root.resolve()), clip_native.__file__
+assert clip_native.load() is not None, "the wheel's C sources (moeq/quantizers/native) did not build"
+print("wheel ok: the CPU clip search's C sources build from the wheel")

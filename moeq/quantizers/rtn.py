@@ -11,6 +11,7 @@ import math
 import torch
 
 from moeq.config import WeightSpec
+from moeq.quantizers import clip_native
 from moeq_kernels.packing import PackedWeight, check_pack_dims, pack
 
 
@@ -24,14 +25,22 @@ def _minmax_params(
     ``[min(w, 0), max(w, 0)] * p`` mapped onto ``[0, 2**bits - 1]`` with a rounded zero point.
     Returns ``scales [...]`` (``scale_dtype``) and ``zeros [...]`` (uint8) or None.
     """
+    if sym:
+        return _range_params(w.abs().amax(-1), None, p, bits, sym, scale_dtype)
+    return _range_params(w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0), p, bits, sym, scale_dtype)
+
+
+def _range_params(lo: torch.Tensor, hi: torch.Tensor | None, p: torch.Tensor | float, bits: int, sym: bool,
+                  scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_minmax_params` from the groups' ranges: ``lo`` = max |w| (symmetric; ``hi`` None), else
+    ``lo = min(min w, 0)``, ``hi = max(max w, 0)``; ``p`` a float or ratios broadcasting against them."""
     maxq = (1 << bits) - 1
     tiny = torch.finfo(scale_dtype).tiny
     if sym:
-        amax = w.abs().amax(-1) * p  # p: float, or [C, 1] ratios against [1, M] groups
+        amax = lo * p  # p: float, or [C, 1] ratios against [1, M] groups
         s = (2 * amax / maxq).clamp_min(tiny).to(scale_dtype)
         return s, None
-    lo = w.amin(-1).clamp(max=0) * p
-    hi = w.amax(-1).clamp(min=0) * p
+    lo, hi = lo * p, hi * p
     s = ((hi - lo) / maxq).clamp_min(tiny).to(scale_dtype)
     z = torch.round(-lo / s.to(torch.float32)).clamp(0, maxq).to(torch.uint8)
     return s, z
@@ -64,14 +73,15 @@ def group_params(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
-    max_elems: int = 1 << 18,
+    max_elems: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-group quantization parameters of ``w [..., G, g]`` (float32 groups in the last dim).
 
     With ``w_clip`` every group independently takes the shrink ratio ``p`` of :func:`clip_ratios` that
     minimizes ``sum |q(w) - w| ** norm`` (the first such ratio on ties), see :func:`_best_params`. Groups
-    are searched in chunks of about ``max_elems`` weights (the search's temporaries are a few times that,
-    sized to stay in a core's L2 cache). Returns ``scales [..., G]`` (``scale_dtype``), ``zeros [..., G]``
+    are searched in chunks of about ``max_elems`` weights; default: all at once with the C screening (its
+    temporaries are a byte per group and ratio), else 2^18 (the torch screening's temporaries are a few
+    times that, sized to stay in a core's L2 cache). Returns ``scales [..., G]`` (``scale_dtype``), ``zeros [..., G]``
     uint8 or None.
     """
     if not w_clip:
@@ -81,6 +91,9 @@ def group_params(
     p = clip_ratios(grid, max_shrink).to(w.device)
     scales = torch.empty(groups.shape[0], dtype=scale_dtype, device=w.device)
     zeros = None if spec.sym else torch.empty(groups.shape[0], dtype=torch.uint8, device=w.device)
+    if max_elems is None:
+        native = w.device.type == "cpu" and clip_native.load() is not None
+        max_elems = max(1, groups.numel()) if native else 1 << 18
     step = max(1, max_elems // max(1, g))
     for r0 in range(0, groups.shape[0], step):
         s, z = _best_params(groups[r0 : r0 + step], p, spec, scale_dtype, norm)
@@ -90,7 +103,8 @@ def group_params(
     return scales.view(*lead, ng), None if zeros is None else zeros.view(*lead, ng)
 
 
-# Screening tolerances of the clip search (see _best_params). The screened error differs from the exact one
+# Screening tolerances of the torch screening (_screen_candidates; the C one derives its own from
+# clip_native.screening_error_bound, ALPHA shared). The screened error differs from the exact one
 # only by the per-term power function (exp(norm * log|d|) instead of pow) and the float rounding of the
 # sum, both ~1e-5 relative (measured per term against float64: pow <= 2.7e-6, exp/log <= 6.1e-6); TAU is
 # ~100x that. ALPHA covers terms that underflow in one formula and not the other (each < 1e-38).
@@ -106,7 +120,39 @@ def _best_params(w: torch.Tensor, p: torch.Tensor, spec: WeightSpec, scale_dtype
     """Clip search of groups ``w [M, g]`` float32 over ratios ``p [C]``: the ``[M]`` scales/zeros of the best.
 
     The result is the one of evaluating every ratio's error ``E[c, m] = sum |q(w) - w| ** norm`` with
-    :func:`_group_error` and taking the first minimum over ``c``; only fewer errors are evaluated exactly:
+    :func:`_group_error` and taking the first minimum over ``c``; only the errors of candidates (the pairs
+    screening cannot rule out, :func:`_screen_candidates` or its C version in ``clip_native``) are
+    evaluated exactly, with the same elementwise operations and reduction as the dense search, so the same
+    bits; every other pair has ``E > min E`` and can be neither the minimum nor a tie.
+    """
+    m, bits, c_count = w.shape[0], spec.bits, p.numel()
+    native = clip_native.screen_candidates(w, p, bits, spec.sym, scale_dtype, norm, _ALPHA)
+    if native is None:
+        best, multi = torch.empty(m, dtype=torch.long, device=w.device), torch.arange(m, device=w.device)
+        cand_mask = _screen_candidates(w, p, spec, scale_dtype, norm)
+    else:  # groups with one candidate are decided; the others need exact errors
+        best = native["best"].long()
+        multi = (best < 0).nonzero().squeeze(1)
+        cand_mask = native["cand"][multi]
+    if multi.numel():
+        grp, cand = cand_mask.nonzero(as_tuple=True)
+        wc = w[multi[grp]]
+        sc, zc = _minmax_params(wc, p[cand], bits, spec.sym, scale_dtype)  # elementwise: the [C, M] values' bits
+        exact = torch.full((multi.numel(), c_count), float("inf"), device=w.device)  # [M', C]: contiguous argmin
+        exact[grp, cand] = _group_error(wc, sc, zc, bits, norm)
+        best[multi] = exact.argmin(1)
+    rng = None if native is None else native["range"]
+    if rng is None:
+        return _minmax_params(w, p[best], bits, spec.sym, scale_dtype)
+    # the C pass's exact ranges: the same values as w.abs().amax(-1) etc., without another pass over w
+    return _range_params(rng[:, 0] if spec.sym else rng[:, 1], None if spec.sym else rng[:, 2], p[best], bits,
+                         spec.sym, scale_dtype)
+
+
+def _screen_candidates(w: torch.Tensor, p: torch.Tensor, spec: WeightSpec, scale_dtype: torch.dtype,
+                       norm: float) -> torch.Tensor:
+    """Candidates ``[M, C]`` bool of the clip search of groups ``w [M, g]`` over ratios ``p [C]`` in torch
+    (the reference of ``clip_screen.c``; used where that library is unavailable or does not apply):
 
     1. ``LB[c, m]``: a lower bound of ``E`` from the group's max and min alone (their distance to the
        representable range ``[-z s, (maxq - z) s]`` of ratio ``c``; every other term is >= 0). Cheap: the
@@ -114,9 +160,7 @@ def _best_params(w: torch.Tensor, p: torch.Tensor, spec: WeightSpec, scale_dtype
     2. Screening, ``_BLOCK`` ratios at a time (order: :func:`_screen_order`): estimates ``Ê``
        (:func:`_screen_errors`) of the groups that have a ratio in the block with ``LB <= U[m]``, where
        ``U[m] = min over screened c of (Ê + ALPHA) / (1 - TAU) >= min_c E[c, m]``.
-    3. The exact ``E`` (same elementwise operations and reduction as the dense search, so the same bits)
-       for the pairs that can still hold the minimum, ``(Ê - ALPHA) / (1 + TAU) <= U``; then the first
-       argmin among them. Every other pair has ``E > U >= min E`` and can be neither the minimum nor a tie.
+    3. Candidates: the pairs that can still hold the minimum, ``(Ê - ALPHA) / (1 + TAU) <= U``.
     """
     m, bits, c_count = w.shape[0], spec.bits, p.numel()
     s, z = _minmax_params(w.unsqueeze(0), p.view(-1, 1), bits, spec.sym, scale_dtype)  # [C, M]
@@ -135,13 +179,7 @@ def _best_params(w: torch.Tensor, p: torch.Tensor, spec: WeightSpec, scale_dtype
         else:
             screened[blk[:, None], rows[None, :]] = est
         upper[rows] = torch.minimum(upper[rows], (est.amin(0) + _ALPHA) / (1 - _TAU))
-    cand, grp = ((screened - _ALPHA) / (1 + _TAU) <= upper).nonzero(as_tuple=True)
-    sc = s[cand, grp].unsqueeze(-1)
-    zc = None if z is None else z[cand, grp].unsqueeze(-1)
-    exact = torch.full((m, c_count), float("inf"), device=w.device)  # [M, C]: a contiguous argmin
-    exact[grp, cand] = _group_error(w[grp].unsqueeze(1), sc, zc, bits, norm)[:, 0]
-    best = exact.argmin(1).unsqueeze(0)
-    return s.gather(0, best)[0], None if z is None else z.gather(0, best)[0]
+    return ((screened - _ALPHA) / (1 + _TAU) <= upper).t()
 
 
 def _screen_order(c_count: int) -> list[torch.Tensor]:
@@ -196,13 +234,28 @@ def rtn_quantize(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
-    chunk_rows: int = 256,
+    chunk_rows: int = 1024,
 ) -> PackedWeight:
     """Quantize a weight stack ``w [E, N, K]`` (or ``[N, K]``, treated as E = 1) to the packed format.
 
     Rows are processed ``chunk_rows`` at a time so the clip search's temporaries stay bounded.
     """
     return rtn_quantize_with_error(w, spec, scale_dtype, w_clip, grid, max_shrink, norm, chunk_rows)[0]
+
+
+def _codes_torch(chunk: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int,
+                 out: torch.Tensor) -> tuple[float, float]:
+    """Codes of groups ``chunk [R, G, g]`` float32 under ``s``/``z [R, G]`` into ``out [R, G, g]`` uint8, and
+    ``(sum of squared errors, sum of w^2)``: the ops of ``moeq_kernels.packing.quantize_with_params``."""
+    maxq = (1 << bits) - 1
+    sf = s.to(torch.float32).unsqueeze(-1)
+    zf = z.to(torch.float32).unsqueeze(-1) if z is not None else float(1 << (bits - 1))
+    q = torch.div(chunk, sf).round_().add_(zf).clamp_(0, maxq)
+    out.copy_(q)  # exact small integers: the uint8 cast is exact
+    # error terms in float32 (the format's dequantization), summed per group, then in float64
+    resid = q.sub_(zf).mul_(sf).sub_(chunk)
+    return (float(resid.square_().sum(-1).sum(dtype=torch.float64)),
+            float(chunk.square().sum(-1).sum(dtype=torch.float64)))
 
 
 def rtn_quantize_with_error(
@@ -213,7 +266,7 @@ def rtn_quantize_with_error(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
-    chunk_rows: int = 256,
+    chunk_rows: int = 1024,
 ) -> tuple[PackedWeight, float]:
     """:func:`rtn_quantize` plus its relative error ``||W - Q||_F / ||W||_F``.
 
@@ -227,8 +280,12 @@ def rtn_quantize_with_error(
     rows = w3.reshape(e * n, k)
     scales = torch.empty(e * n, ngroups, dtype=scale_dtype, device=w.device)
     zeros = None if spec.sym else torch.empty(e * n, ngroups, dtype=torch.uint8, device=w.device)
-    codes = torch.empty(e * n, k, dtype=torch.uint8, device=w.device)
-    maxq = (1 << spec.bits) - 1
+    # on the CPU the C path writes the packed words directly (else: codes, then pack)
+    native = w.device.type == "cpu" and clip_native.packs_natively(spec.bits, g)
+    if native:
+        words = torch.empty(e * n, k * spec.bits // 32, dtype=torch.int32)
+    else:
+        codes = torch.empty(e * n, k, dtype=torch.uint8, device=w.device)
     err_sq, w_sq = 0.0, 0.0
     for r0 in range(0, e * n, chunk_rows):
         chunk = rows[r0 : r0 + chunk_rows].to(torch.float32).view(-1, ngroups, g)
@@ -236,17 +293,14 @@ def rtn_quantize_with_error(
         scales[r0 : r0 + chunk_rows] = s
         if zeros is not None:
             zeros[r0 : r0 + chunk_rows] = z
-        # the codes of moeq_kernels.packing.quantize_with_params, op for op: round(w / s) + z, clamped
-        sf = s.to(torch.float32).unsqueeze(-1)
-        zf = z.to(torch.float32).unsqueeze(-1) if z is not None else float(1 << (spec.bits - 1))
-        q = torch.div(chunk, sf).round_().add_(zf).clamp_(0, maxq)
-        codes[r0 : r0 + chunk_rows] = q.view(-1, k)  # exact small integers: the uint8 cast is exact
-        # error terms in float32 (the format's dequantization), summed per group, then in float64
-        resid = q.sub_(zf).mul_(sf).sub_(chunk)
-        err_sq += float(resid.square_().sum(-1).sum(dtype=torch.float64))
-        w_sq += float(chunk.square().sum(-1).sum(dtype=torch.float64))
+        out = words[r0 : r0 + chunk_rows].view(-1, g * spec.bits // 32) if native else None
+        sums = None if out is None else clip_native.rtn_codes(chunk.view(-1, g), s.view(-1),
+                                                             None if z is None else z.view(-1), spec.bits, out)
+        if sums is None:
+            sums = _codes_torch(chunk, s, z, spec.bits, codes[r0 : r0 + chunk_rows].view(-1, ngroups, g))
+        err_sq, w_sq = err_sq + sums[0], w_sq + sums[1]
     packed = PackedWeight(
-        qweight=pack(codes.view(e, n, k), spec.bits),
+        qweight=words.view(e, n, -1) if native else pack(codes.view(e, n, k), spec.bits),
         scales=scales.view(e, n, ngroups),
         qzeros=None if zeros is None else zeros.view(e, n, ngroups),
         bits=spec.bits,

@@ -7,7 +7,9 @@ speed work of issue #20. The test recomputes them; any change of a single bit in
 Threads are pinned to 1 while digests are computed: GPTQ's Hessian accumulation and matmuls are fp32 sums
 whose order (hence last bits) may depend on the thread count. They also depend on the CPU's BLAS kernels:
 the GPTQ/AGQ digests of one commit differ between two machine kinds (measured: 12 of 22 GPTQ-family
-cases; RTN is identical). The file therefore holds one *set* of digests per machine kind, each recorded by
+cases; RTN is identical), and between two CPUs of one capability from different vendors (an AMD EPYC
+against the machine of the first AVX512 set: 7 cases): the kind names the CPU vendor. The file therefore
+holds one *set* of digests per machine kind, each recorded by
 running the code of the golden commit there (``--record LABEL``), and the test passes when every digest equals
 one set. On a machine kind no set was recorded on, RTN digests must still match exactly (they are portable)
 and each GPTQ-family case's mean relative weight error must be within 0.5% of the recorded one: a refactor
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import sys
 from pathlib import Path
 
@@ -98,8 +101,21 @@ def compute_all() -> tuple[dict[str, str], dict[str, float]]:
         torch.set_num_threads(n)
 
 
+def _cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo (the BLAS kernels, hence GPTQ's last bits, differ by vendor: measured,
+    one commit's GPTQ digests differ between an AMD EPYC and the machine of the first AVX512 set), or the
+    platform's processor string elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine_kind() -> str:
-    return f"cpu {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__.split('+')[0]}"
+    return f"cpu {torch.backends.cpu.get_cpu_capability()} {_cpu_vendor()}, torch {torch.__version__.split('+')[0]}"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,224 @@
+"""The clip search's screening step in C (``clip_screen.c``), compiled on first use and called through ctypes.
+
+The MSE clip search (:func:`moeq.quantizers.rtn._best_params`) picks, per group, the shrink ratio with the
+smallest exact error; only a few ratios per group can hold that minimum and only those need exact errors.
+Finding them ("screening") is what dominates RTN's time: ~25 ratios x 128 weights of ``|d| ** norm`` per
+group. ``clip_screen.c`` does it per group in registers with a polynomial ``|d| ** norm`` of bounded error,
+so that RTN of a Qwen3-30B-A3B-shaped layer takes 6.3 s instead of 80 s with the torch screening on this
+project's 2-core machine (``benchmarks/results/rtn_speed.md``). The exact errors
+and the final choice stay in torch, so results are bit-identical either way; where no C compiler is found
+(or ``MOEQ_NATIVE_CLIP=0``) the torch screening runs instead, with the same results, and a warning says so.
+
+The library is built with the system compiler (``$CC``, else ``cc``/``gcc``/``clang``) into
+``$MOEQ_CACHE_DIR`` (default ``$XDG_CACHE_HOME/moeq`` or ``~/.cache/moeq``), named by a hash of the source,
+compiler and flags, and written atomically (a concurrent or interrupted build never leaves a broken file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_NATIVE = Path(__file__).with_name("native")
+_SOURCES = [_NATIVE / "clip_screen.c", _NATIVE / "rtn_codes.c"]
+_HEADERS = [_NATIVE / "vec.h", _NATIVE / "clip_screen_rows.h"]  # included by the sources
+_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-Wno-psabi"]
+_SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# measured maximum relative error of clip_screen.c's |d| ** norm where the result is in [2^-120, 2^127):
+# 1.27e-5 (norm 2.4), 1.02e-5 (3.0), 8.4e-6 (2.0), 5.4e-6 (1.0) on every third float in [2^-52, 2^52]
+# (tests/moeq/test_clip_native.py re-measures a sample); the native path is used for norms in this range
+_POW_REL_ERR = 2e-5
+_NORM_RANGE = (1.0, 3.0)
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("MOEQ_CACHE_DIR"):
+        return Path(os.environ["MOEQ_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "moeq"
+
+
+def _compiler() -> str | None:
+    for name in filter(None, (os.environ.get("CC"), "cc", "gcc", "clang")):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _build(cc: str) -> Path:
+    """Compile ``native/*.c`` with ``cc`` into the cache (once per source/compiler/flags); its path."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    parts = [f.read_bytes() for f in (*_SOURCES, *_HEADERS)] + [version.encode(), " ".join(_FLAGS).encode(),
+                                                                 platform.machine().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    out_dir = _cache_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only home: a private temporary directory
+        out_dir = Path(tempfile.gettempdir()) / f"moeq-{os.getuid()}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"moeq_native-{key}.so"
+    if target.exists():
+        return target
+    fd, tmp = tempfile.mkstemp(prefix=".moeq_native-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: readers see no file or a whole one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    for stale in out_dir.glob("moeq_native-*.so"):  # earlier sources' builds (a loaded one stays mapped)
+        if stale != target:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> ctypes.CDLL | None:
+    """The compiled screening library, or None (disabled, no compiler, or the build failed: logged once)."""
+    if os.environ.get("MOEQ_NATIVE_CLIP", "1") == "0":
+        log.info("clip search screening: torch (MOEQ_NATIVE_CLIP=0)")
+        return None
+    cc = _compiler()
+    if cc is None:
+        log.warning("clip search screening: torch, no C compiler found ($CC, cc, gcc, clang); results are "
+                    "identical, RTN's clip search is ~10x slower")
+        return None
+    try:
+        path = _build(cc)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("clip search screening: torch, building %s failed (%s); results are identical, RTN's clip "
+                    "search is ~10x slower", ", ".join(f.name for f in _SOURCES), exc)
+        return None
+    i64, f32, f64, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_void_p
+    cint = ctypes.c_int
+    lib.moeq_clip_screen.argtypes = [ptr, i64, i64, ptr, i64, cint, cint, cint, f32, f64, f64, cint, cint, ptr, ptr,
+                                     ptr, ptr]
+    lib.moeq_clip_screen.restype = ctypes.c_int
+    lib.moeq_pow_approx.argtypes = [ptr, i64, f32, cint, ptr]
+    lib.moeq_rtn_codes.argtypes = [ptr, i64, i64, ptr, ptr, cint, cint, cint, ptr, ptr]
+    lib.moeq_rtn_codes.restype = ctypes.c_int
+    lib.moeq_pow_approx.restype = ctypes.c_int
+    log.info("clip search screening: native (%s)", path)
+    return lib
+
+
+def screening_error_bound(bits: int, norm: float, g: int) -> float:
+    """Bound on ``|Ê - E| / E`` of the C estimates against torch's exact float32 errors, ``alpha`` aside.
+
+    Per term: the polynomial power (``_POW_REL_ERR``); the code ``round(w * fl(1/s))`` may differ from
+    ``round(w / s)`` only within ``|q| 2^-23 <= 2^(bits-23)`` of a tie, where ``|d|`` changes by a relative
+    ``<= 4 * 2^(bits-23)``, hence the term by ``norm`` times that. Sums: 16 float32 lanes of ``g/16``
+    terms and a 4-level tree (``(g/16 + 4) 2^-24``); torch's own pow (1 ulp) and sum (``<= g 2^-24``).
+    """
+    per_term = _POW_REL_ERR + norm * 4 * 2.0 ** (bits - 23) + 2.0**-23
+    return per_term + (math.ceil(g / 16) + 4) * 2.0**-24 + g * 2.0**-24
+
+
+def screen_candidates(w: torch.Tensor, p: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype,
+                      norm: float, alpha: float, portable: bool = False) -> dict | None:
+    """Candidates of the clip search of groups ``w [M, g]`` (float32, CPU) over ratios ``p [C]`` float32.
+
+    Returns ``{"cand": [M, C] bool, "best": [M] int32, "range": [M, 3] float32 or None, "moments": int,
+    "estimated": int, "vectors": int}``: ``cand[m, c]`` is False only where ratio ``c``'s exact error is
+    provably above group ``m``'s minimum; ``best[m]`` is the only candidate where there is one, else -1;
+    ``range[m]`` is ``(max |w|, min(min w, 0), max(max w, 0))``, exact (None if a weight is not finite);
+    the counts are ratios bounded by moments, ratios estimated and 16-wide vectors estimated. The estimates' tolerance is twice
+    :func:`screening_error_bound`, at least 1e-4. ``portable``: the portable kernels even where AVX-512
+    is available (tests). None where the C path does not apply (no library, a GPU tensor, a scale dtype,
+    norm or bit width outside its bound, or a bound above 1e-3): the caller screens in torch.
+    """
+    if (w.device.type != "cpu" or w.dtype != torch.float32 or scale_dtype not in _SCALE_KINDS
+            or not _NORM_RANGE[0] <= norm <= _NORM_RANGE[1] or not 1 <= bits <= 8):
+        return None
+    bound = screening_error_bound(bits, norm, w.shape[-1])
+    if bound > 1e-3:
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    w = w.contiguous()
+    p = p.to(torch.float32).contiguous()
+    m, g = w.shape
+    cand = torch.empty(m, p.numel(), dtype=torch.uint8)
+    best = torch.empty(m, dtype=torch.int32)
+    rng = torch.empty(m, 3, dtype=torch.float32)
+    stats = (ctypes.c_int64 * 4)()
+    rc = lib.moeq_clip_screen(w.data_ptr(), m, g, p.data_ptr(), p.numel(), bits, int(sym), _SCALE_KINDS[scale_dtype],
+                              norm, max(2 * bound, 1e-4), alpha, torch.get_num_threads(), int(portable),
+                              cand.data_ptr(), best.data_ptr(), rng.data_ptr(), stats)
+    if rc:
+        raise RuntimeError(f"moeq_clip_screen rejected its arguments (m={m}, g={g}, C={p.numel()}, bits={bits})")
+    return {"cand": cand.view(torch.bool), "best": best, "range": None if stats[3] else rng,
+            "moments": int(stats[0]), "estimated": int(stats[1]), "vectors": int(stats[2])}
+
+
+def packs_natively(bits: int, g: int) -> bool:
+    """Whether :func:`rtn_codes` can write ``moeq_kernels.packing.pack``'s words for groups of ``g`` codes."""
+    return sys.byteorder == "little" and 8 % bits == 0 and (g * bits) % 32 == 0 and load() is not None
+
+
+def rtn_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+              out: torch.Tensor) -> tuple[float, float] | None:
+    """RTN codes of groups ``w [M, g]`` (float32, CPU) under ``scales [M]`` (any float dtype) and ``zeros
+    [M]`` (uint8, or None: symmetric) into ``out``: uint8 codes ``[M, g]``, or int32 packed words ``[M, g *
+    bits / 32]`` (where :func:`packs_natively`), bit for bit those of
+    :func:`moeq_kernels.packing.quantize_with_params` (+ ``pack``). Returns ``(sum of squared errors, sum of
+    w^2)``, or None where the library is unavailable or ``w`` is not a CPU float32 tensor (``out`` is then
+    untouched). Raises ValueError at a non-finite weight.
+    """
+    if w.device.type != "cpu" or w.dtype != torch.float32 or not 1 <= bits <= 8:
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    w = w.contiguous()
+    m, g = w.shape
+    packed = out.dtype == torch.int32
+    if not out.is_contiguous() or out.shape != ((m, g * bits // 32) if packed else (m, g)) or (
+            not packed and out.dtype != torch.uint8) or (packed and not packs_natively(bits, g)):
+        raise ValueError(f"rtn_codes: out must be contiguous uint8 [{m}, {g}] or int32 packed words, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    sf = scales.to(torch.float32).contiguous()
+    zf = None if zeros is None else zeros.to(torch.float32).contiguous()
+    sums = (ctypes.c_double * 2)()
+    rc = lib.moeq_rtn_codes(w.data_ptr(), m, g, sf.data_ptr(), None if zf is None else zf.data_ptr(), bits,
+                            int(packed), torch.get_num_threads(), out.data_ptr(), sums)
+    if rc == -3:
+        raise ValueError("non-finite weight in the groups being quantized")
+    if rc:
+        raise RuntimeError(f"moeq_rtn_codes rejected its arguments (m={m}, g={g}, bits={bits})")
+    return float(sums[0]), float(sums[1])
+
+
+def pow_approx(x: torch.Tensor, norm: float, portable: bool = False) -> torch.Tensor:
+    """``|x| ** norm`` through the estimates' polynomial power (tests of its bound); ``x`` float32 CPU."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the native clip screening library is not available")
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    lib.moeq_pow_approx(x.data_ptr(), x.numel(), norm, int(portable), out.data_ptr())
+    return out

@@ -1,0 +1,162 @@
+/* RTN codes of moeq's CPU path (moeq/quantizers/rtn.py, rtn_quantize_with_error): the codes and packed words
+ * of moeq_kernels.packing (quantize_with_params, pack) bit for bit, and the error sums of the report, in one
+ * pass over the weights. Built with clip_screen.c into one library (clip_native.py). */
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "vec.h"
+
+typedef struct {
+    const float *w, *s, *z;  /* w [m, g]; s, z [m] (z NULL: symmetric) */
+    int64_t m, g;
+    int bits, packed, avx512;
+    uint8_t *out;            /* codes [m, g], or packed [m, g * bits / 8] bytes (little-endian words) */
+    double sums[2];
+    int status;
+} codes_job_t;
+
+/* the 16 codes qi packed little-end first, bits 1/2/4/8 per code (moeq_kernels.packing.pack): 16 * bits / 8
+ * bytes into out */
+INLINE void pack16(vi qi, int bits, uint8_t *out) {
+    typedef int32_t v8i __attribute__((vector_size(32)));
+    typedef int32_t v4i __attribute__((vector_size(16)));
+    typedef int32_t v2i __attribute__((vector_size(8)));
+    if (bits == 8) {
+        typedef uint8_t v16b __attribute__((vector_size(16)));
+        const v16b b = __builtin_convertvector(qi, v16b);
+        memcpy(out, &b, 16);
+        return;
+    }
+    const v8i p2 = __builtin_shufflevector(qi, qi, 0, 2, 4, 6, 8, 10, 12, 14) |
+                   (__builtin_shufflevector(qi, qi, 1, 3, 5, 7, 9, 11, 13, 15) << bits);
+    if (bits == 4) {
+        typedef uint8_t v8b __attribute__((vector_size(8)));
+        const v8b b = __builtin_convertvector(p2, v8b);
+        memcpy(out, &b, 8);
+        return;
+    }
+    const v4i p4 = __builtin_shufflevector(p2, p2, 0, 2, 4, 6) | (__builtin_shufflevector(p2, p2, 1, 3, 5, 7) << (2 * bits));
+    if (bits == 2) {
+        typedef uint8_t v4b __attribute__((vector_size(4)));
+        const v4b b = __builtin_convertvector(p4, v4b);
+        memcpy(out, &b, 4);
+        return;
+    }
+    const v2i p8 = __builtin_shufflevector(p4, p4, 0, 2) | (__builtin_shufflevector(p4, p4, 1, 3) << (4 * bits));
+    out[0] = (uint8_t)p8[0];  /* bits == 1 */
+    out[1] = (uint8_t)p8[1];
+}
+
+/* codes of x [n] (n <= 16; n < 16 only at a group's end) under scale sf and zero zf, into out (one byte per
+ * code, or packed), with their float32 error terms added to e and squares to w2; bad collects non-finite
+ * weights */
+INLINE void codes_block(const float *x, int64_t n, float sf, float zf, float maxq, int bits, int packed,
+                        uint8_t *out, vf *e, vf *w2, vi *bad) {
+    vf v;
+    if (n == VW) {
+        memcpy(&v, x, sizeof v);
+    } else {
+        float t[VW] = {0};
+        memcpy(t, x, (size_t)n * sizeof(float));
+        memcpy(&v, t, sizeof v);
+    }
+    *bad |= ~((v - v) == splat(0.0f));  /* inf - inf, nan: nan */
+    vf q = v / sf;  /* true division, as torch.div */
+    q = vmin(vmax(q, splat(-4194304.0f)), splat(4194304.0f));  /* beyond +-2^22 the clamp below decides */
+    q = ((q + 12582912.0f) - 12582912.0f) + zf;                    /* round half to even, + zero */
+    q = vmin(vmax(q, splat(0.0f)), splat(maxq));
+    const vf d = (q - zf) * sf - v;
+    *e += d * d;  /* padding lanes: w = 0 has code z exactly, d = 0 */
+    *w2 += v * v;
+    const vi qi = __builtin_convertvector(q, vi);
+    if (packed && n == VW) {
+        pack16(qi, bits, out);
+        return;
+    }
+    int32_t qa[VW];
+    memcpy(qa, &qi, sizeof qa);
+    if (!packed) {
+        for (int64_t i = 0; i < n; i++) out[i] = (uint8_t)qa[i];
+        return;
+    }
+    const int per = 8 / bits;  /* a partial block: codes per byte, low bits first */
+    for (int64_t b = 0; b < n / per; b++) {
+        uint32_t byte = 0;
+        for (int i = 0; i < per; i++) byte |= (uint32_t)qa[b * per + i] << (bits * i);
+        out[b] = (uint8_t)byte;
+    }
+}
+
+INLINE void rtn_codes_impl(codes_job_t *j) {
+    const float maxq = (float)((1 << j->bits) - 1), zsym = (float)(1 << (j->bits - 1));
+    const int64_t g = j->g, row_bytes = j->packed ? g * j->bits / 8 : g;
+    for (int64_t row = 0; row < j->m; row++) {
+        const float sf = j->s[row], zf = j->z ? j->z[row] : zsym;
+        vf e = splat(0.0f), w2 = splat(0.0f);
+        vi bad = splati(0);
+        for (int64_t i = 0; i < g; i += VW) {
+            uint8_t *out = j->out + row * row_bytes + (j->packed ? i * j->bits / 8 : i);
+            codes_block(j->w + row * g + i, g - i < VW ? g - i : VW, sf, zf, maxq, j->bits, j->packed, out, &e,
+                        &w2, &bad);
+        }
+        int32_t k[VW];
+        memcpy(k, &bad, sizeof k);
+        for (int i = 0; i < VW; i++)
+            if (k[i]) { j->status = -3; return; }
+        j->sums[0] += hsum(e);
+        j->sums[1] += hsum(w2);
+    }
+}
+
+static void rtn_codes_generic(codes_job_t *j) { rtn_codes_impl(j); }
+#ifdef HAVE_X86
+AVX512 static void rtn_codes_avx512(codes_job_t *j) { rtn_codes_impl(j); }
+#endif
+
+static void *codes_thread(void *arg) {
+    codes_job_t *j = arg;
+#ifdef HAVE_X86
+    if (j->avx512) { rtn_codes_avx512(j); return NULL; }
+#endif
+    rtn_codes_generic(j);
+    return NULL;
+}
+
+/* RTN codes and error of m groups w [m, g] under scales s [m] (float32 values of the scale dtype) and zeros
+ * z [m] (float32; NULL: symmetric, 2^(bits-1)): codes clamp(round(w / s) + z, 0, maxq), the ops of
+ * moeq_kernels.packing.quantize_with_params (true division, round half to even), so the same bits. out:
+ * the codes [m, g] uint8, or with packed (g * bits a multiple of 32, bits dividing 8) the bytes of
+ * moeq_kernels.packing.pack's little-endian int32 words [m, g * bits / 32]. sums [2] += (sum over groups
+ * of float32 sums of ((q - z) s - w)^2, the same of w^2), in double. Returns 0, -1 on bad arguments, -3 at
+ * a non-finite weight. */
+int moeq_rtn_codes(const float *w, int64_t m, int64_t g, const float *s, const float *z, int bits, int packed,
+                   int nthreads, uint8_t *out, double *sums) {
+    if (m < 0 || g <= 0 || bits < 1 || bits > 8 || (packed && (8 % bits || (g * bits) % 32))) return -1;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > 64) nthreads = 64;
+    if (nthreads > m) nthreads = m > 0 ? (int)m : 1;
+    const int avx = use_avx512(0);
+    const int64_t per = (m + nthreads - 1) / nthreads, row_bytes = packed ? g * bits / 8 : g;
+    codes_job_t jobs[64];
+    pthread_t tid[64];
+    int started[64] = {0};
+    for (int t = 0; t < nthreads; t++) {
+        const int64_t r0 = t * per < m ? t * per : m, r1 = r0 + per < m ? r0 + per : m;
+        jobs[t] = (codes_job_t){w + r0 * g, s + r0, z ? z + r0 : NULL, r1 - r0, g, bits, packed, avx,
+                                out + r0 * row_bytes, {0.0, 0.0}, 0};
+        if (t > 0) started[t] = pthread_create(&tid[t], NULL, codes_thread, &jobs[t]) == 0;
+    }
+    codes_thread(&jobs[0]);
+    int status = 0;
+    for (int t = 0; t < nthreads; t++) {
+        if (t > 0) {
+            if (started[t]) pthread_join(tid[t], NULL);
+            else codes_thread(&jobs[t]);
+        }
+        sums[0] += jobs[t].sums[0];
+        sums[1] += jobs[t].sums[1];
+        status = status ? status : jobs[t].status;
+    }
+    return status;
+}
+

@@ -1,0 +1,146 @@
+/* Vector helpers shared by moeq's CPU kernels (clip_screen.c, rtn_codes.c): 16-wide GNU C vectors and,
+ * on x86-64, AVX-512 versions of log2 / 2^y / |a|^norm picked at run time (use_avx512).
+ *
+ * Accuracy (least-squares fits; the whole |a|^norm measured in tests/moeq/test_clip_native.py): log2
+ * <= 3e-6 absolute, 2^y <= 2.7e-6 relative, |a|^norm <= 1.6e-5 relative where the result is in
+ * [2^-120, 2^127). */
+#ifndef MOEQ_NATIVE_VEC_H
+#define MOEQ_NATIVE_VEC_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_X86 1
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f,avx512dq,fma")))
+#endif
+
+#define VW 16
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE vf splat(float x) { return (vf){0} + x; }
+INLINE vi splati(int32_t x) { return (vi){0} + x; }
+INLINE vf sel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+
+INLINE float hsum(vf a) {
+    float t[VW];
+    memcpy(t, &a, sizeof t);
+    for (int w = VW / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) t[i] += t[i + w];
+    return t[0];
+}
+
+/* log2 a for a >= 2^-126 (absolute error <= 3e-6: least-squares degree-6 polynomial on [sqrt(1/2), sqrt(2))) */
+INLINE vf log2_generic(vf a) {
+    const vi ib = (vi)a;
+    vi e = (ib >> 23) - 127;
+    vf m = (vf)((ib & 0x007fffff) | 0x3f800000);       /* [1, 2) */
+    const vi big = m > splat(1.41421356f);
+    m = sel(big, m * 0.5f, m);                          /* [sqrt(1/2), sqrt(2)) */
+    e = e - big;                                        /* big is -1 where halved */
+    const vf t = m - 1.0f;
+    vf l = splat(-0.205298290f);                        /* log2(1 + t) / t */
+    l = l * t + 0.322085500f;
+    l = l * t - 0.367703974f;
+    l = l * t + 0.479324371f;
+    l = l * t - 0.721122563f;
+    l = l * t + 1.44271576f;
+    return __builtin_convertvector(e, vf) + l * t;
+}
+
+/* 2^y, y clamped to [-126, 127] (relative error <= 2.7e-6 in range: least-squares degree 4 on [-1/2, 1/2]) */
+INLINE vf exp2_generic(vf y) {
+    const vf yc = sel(y > splat(127.0f), splat(127.0f), sel(y < splat(-126.0f), splat(-126.0f), y));
+    const vf n = (yc + 12582912.0f) - 12582912.0f;      /* round to nearest: 1.5 * 2^23 */
+    const vf f = yc - n;                                /* [-1/2, 1/2], exact */
+    vf q = splat(0.00956051052f);
+    q = q * f + 0.0559170395f;
+    q = q * f + 0.240249813f;
+    q = q * f + 0.693121970f;
+    q = q * f + 0.999999166f;
+    return q * (vf)((__builtin_convertvector(n, vi) + 127) << 23);
+}
+
+/* |a|^norm for a >= 0 (sign cleared): 0 for a < 2^-126, inf above 2^127 */
+INLINE vf pow_generic(vf a, float norm) {
+    const vf y = norm * log2_generic(a);
+    const vf r = sel((vi)a < splati(0x00800000), splat(0.0f), exp2_generic(y));
+    return sel(y > splat(127.0f), splat(INFINITY), r);
+}
+
+/* pow_generic over x [n] in place */
+INLINE void pow_array(float *x, int64_t n, float norm) {
+    for (int64_t i = 0; i < n; i += VW) {
+        float t[VW] = {0};
+        const int64_t k = n - i < VW ? n - i : VW;
+        memcpy(t, x + i, (size_t)k * sizeof(float));
+        vf v;
+        memcpy(&v, t, sizeof v);
+        v = pow_generic((vf)((vi)v & splati(0x7fffffff)), norm);
+        memcpy(t, &v, sizeof v);
+        memcpy(x + i, t, (size_t)k * sizeof(float));
+    }
+}
+
+INLINE vf vmax(vf a, vf b) { return sel(a > b, a, b); }
+INLINE vf vmin(vf a, vf b) { return sel(a < b, a, b); }
+
+/* ---------------------------------------------------------------- AVX-512 */
+#ifdef HAVE_X86
+
+/* log2 a for a > 0 (-inf at 0): getexp/getmant, least-squares degree 6 on [-1/4, 1/2) */
+AVX512 INLINE __m512 log2_avx512(__m512 a) {
+    const __m512 m = _mm512_getmant_ps(a, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_zero); /* [0.75, 1.5) */
+    __m512 e = _mm512_getexp_ps(a);                                            /* floor(log2 a) */
+    e = _mm512_mask_add_ps(e, _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.0f), _CMP_LT_OQ), e,
+                           _mm512_set1_ps(1.0f));                              /* m was halved */
+    const __m512 t = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
+    __m512 l = _mm512_set1_ps(-0.138730898f);                                  /* log2(1 + t) / t */
+    l = _mm512_fmadd_ps(l, t, _mm512_set1_ps(0.288162708f));
+    l = _mm512_fmadd_ps(l, t, _mm512_set1_ps(-0.371157289f));
+    l = _mm512_fmadd_ps(l, t, _mm512_set1_ps(0.48210296f));
+    l = _mm512_fmadd_ps(l, t, _mm512_set1_ps(-0.721109509f));
+    l = _mm512_fmadd_ps(l, t, _mm512_set1_ps(1.44267058f));
+    return _mm512_fmadd_ps(l, t, e);
+}
+
+/* 2^y for y >= -200 (below 2^-149 scalef gives 0, above 2^128 inf) */
+AVX512 INLINE __m512 exp2_avx512(__m512 y) {
+    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(y, n);
+    __m512 q = _mm512_set1_ps(0.00956051052f);
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.0559170395f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.240249813f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.693121970f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.999999166f));
+    return _mm512_scalef_ps(q, n);
+}
+
+/* |a|^norm for a >= 0: a = 0 gives log2 = -inf, clamped to -200, and 2^-200 underflows to 0 */
+AVX512 INLINE __m512 pow_avx512(__m512 a, float norm) {
+    return exp2_avx512(_mm512_max_ps(_mm512_mul_ps(log2_avx512(a), _mm512_set1_ps(norm)), _mm512_set1_ps(-200.0f)));
+}
+
+/* the same on GNU C vectors, for the ISA-generic code of clip_screen_rows.h */
+AVX512 INLINE vf powv_avx512(vf a, float norm) { return (vf)pow_avx512((__m512)a, norm); }
+AVX512 INLINE vf log2v_avx512(vf a) { return (vf)log2_avx512((__m512)a); }
+AVX512 INLINE vf exp2v_avx512(vf y) { return (vf)exp2_avx512(_mm512_max_ps((__m512)y, _mm512_set1_ps(-200.0f))); }
+
+#endif
+
+/* AVX-512 kernels where the CPU has them and isa is not 1 (1: the portable kernels, for tests) */
+static inline int use_avx512(int isa) {
+#ifdef HAVE_X86
+    if (isa == 1) return 0;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#else
+    (void)isa;
+    return 0;
+#endif
+}
+
+#endif
