@@ -117,8 +117,8 @@ def main() -> None:
     lines = ["# RTN of one Qwen3-30B-A3B-shaped experts layer (CPU, W4 g128 sym, bf16 weights and scales)", "",
              *[f"- {k}: {v}" for k, v in meta.items()], "",
              md_table(["setting", "threads", "min s per layer", "median s per layer"], rows), "",
-             f"C and torch screening give identical packed tensors ({a.torch_experts} experts, default clip "
-             f"search): {identical}", "",
+             (f"C and torch screening give identical packed tensors ({a.torch_experts} experts, default clip "
+              f"search): {identical}"), "",
              "C screening per group (expert 0, gate_up rows 0-1023): " + ", ".join(
                  f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in counts.items())]
     a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -63,7 +64,7 @@ def _compiler() -> str | None:
 
 def _build(cc: str) -> Path:
     """Compile ``native/*.c`` with ``cc`` into the cache (once per source/compiler/flags); its path."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
     parts = [f.read_bytes() for f in (*_SOURCES, *_HEADERS)] + [version.encode(), " ".join(_FLAGS).encode(),
                                                                  platform.machine().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
@@ -80,16 +81,18 @@ def _build(cc: str) -> Path:
     os.close(fd)
     try:
         proc = subprocess.run([cc, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=300)
+                              check=False, timeout=300)
         if proc.returncode:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: readers see no file or a whole one
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    for stale in out_dir.glob("moeq_native-*.so"):  # earlier sources' builds (a loaded one stays mapped)
-        if stale != target:
-            with contextlib.suppress(OSError):
+    # other sources' builds (a loaded one stays mapped); an hour old at least, so a concurrent process of
+    # another moeq version does not lose the file between its build and its dlopen
+    for stale in out_dir.glob("moeq_native-*.so"):
+        with contextlib.suppress(OSError):
+            if stale != target and time.time() - stale.stat().st_mtime > 3600:
                 stale.unlink()
     return target
 
@@ -144,11 +147,11 @@ def screen_candidates(w: torch.Tensor, p: torch.Tensor, bits: int, sym: bool, sc
     Returns ``{"cand": [M, C] bool, "best": [M] int32, "range": [M, 3] float32 or None, "moments": int,
     "estimated": int, "vectors": int}``: ``cand[m, c]`` is False only where ratio ``c``'s exact error is
     provably above group ``m``'s minimum; ``best[m]`` is the only candidate where there is one, else -1;
-    ``range[m]`` is ``(max |w|, min(min w, 0), max(max w, 0))``, exact (None if a weight is not finite);
-    the counts are ratios bounded by moments, ratios estimated and 16-wide vectors estimated. The estimates' tolerance is twice
-    :func:`screening_error_bound`, at least 1e-4. ``portable``: the portable kernels even where AVX-512
-    is available (tests). None where the C path does not apply (no library, a GPU tensor, a scale dtype,
-    norm or bit width outside its bound, or a bound above 1e-3): the caller screens in torch.
+    ``range[m]`` is ``(max |w|, min(min w, 0), max(max w, 0))``, exact (None if a weight is not finite); the
+    counts are ratios bounded by moments, ratios estimated and 16-wide vectors estimated. The estimates'
+    tolerance is twice :func:`screening_error_bound`, at least 1e-4. ``portable``: the portable kernels even
+    where AVX-512 is available (tests). None where the C path does not apply (no library, a GPU tensor, a scale
+    dtype, norm or bit width outside its bound, or a bound above 1e-3): the caller screens in torch.
     """
     if (w.device.type != "cpu" or w.dtype != torch.float32 or scale_dtype not in _SCALE_KINDS
             or not _NORM_RANGE[0] <= norm <= _NORM_RANGE[1] or not 1 <= bits <= 8):

@@ -14,12 +14,11 @@ import logging
 import numpy as np
 import pytest
 import torch
+from test_rtn import _adversarial_groups, _brute_force_params  # same folder (pytest puts it on sys.path)
 
 from moeq.config import WeightSpec
 from moeq.quantizers import clip_native, rtn
 from moeq_kernels.packing import pack, quantize_with_params
-
-from test_rtn import _adversarial_groups, _brute_force_params  # same folder (pytest puts it on sys.path)
 
 
 @pytest.fixture(autouse=True)
@@ -141,7 +140,8 @@ def test_rtn_codes_equal_packing_bit_for_bit(bits, sym, g):
         words = torch.empty(48, g * bits // 32, dtype=torch.int32)
         clip_native.rtn_codes(w.view(48, g), s.view(-1), None if z is None else z.view(-1), bits, words)
         assert torch.equal(words.view(1, 24, -1), pack(ref, bits))
-    deq = (ref.float().view(48, g) - (z.float().view(-1, 1) if z is not None else 2 ** (bits - 1))) * s.float().view(-1, 1)
+    zero = z.float().view(-1, 1) if z is not None else 2 ** (bits - 1)
+    deq = (ref.float().view(48, g) - zero) * s.float().view(-1, 1)
     assert err == pytest.approx(float(((deq - w.view(48, g)) ** 2).sum()), rel=1e-5)
     assert wsq == pytest.approx(float((w**2).sum()), rel=1e-6)
 
@@ -162,8 +162,8 @@ def test_disabled_library_falls_back_to_torch_with_identical_results(monkeypatch
     assert clip_native.load() is None and clip_native.screen_candidates(w.view(-1, 32), rtn.clip_ratios(100, 0.8),
                                                                         3, False, torch.bfloat16, 2.4, 1e-30) is None
     fallback = rtn.rtn_quantize(w.view(-1, 32), spec, torch.bfloat16)
-    for a, b in ((native.qweight, fallback.qweight), (native.scales, fallback.scales), (native.qzeros, fallback.qzeros)):
-        assert torch.equal(a, b)
+    for name in ("qweight", "scales", "qzeros"):
+        assert torch.equal(getattr(native, name), getattr(fallback, name)), name
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path, caplog):

@@ -35,7 +35,8 @@ INLINE void pack16(vi qi, int bits, uint8_t *out) {
         memcpy(out, &b, 8);
         return;
     }
-    const v4i p4 = __builtin_shufflevector(p2, p2, 0, 2, 4, 6) | (__builtin_shufflevector(p2, p2, 1, 3, 5, 7) << (2 * bits));
+    const v4i p4 = __builtin_shufflevector(p2, p2, 0, 2, 4, 6) |
+                   (__builtin_shufflevector(p2, p2, 1, 3, 5, 7) << (2 * bits));
     if (bits == 2) {
         typedef uint8_t v4b __attribute__((vector_size(4)));
         const v4b b = __builtin_convertvector(p4, v4b);
