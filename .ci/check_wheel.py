@@ -14,7 +14,7 @@ wheel = Path(sys.argv[1])
 names = zipfile.ZipFile(wheel).namelist()
 so = [n for n in names if n.startswith("moeq_kernels/_C") and n.endswith(".so")]
 assert so, f"{wheel.name} has no compiled extension moeq_kernels/_C*.so"
-native = {"moeq/quantizers/native/" + f for f in ("clip_screen.c", "clip_screen_rows.h", "rtn_codes.c", "vec.h")}
+native = {"moeq/quantizers/native/" + f for f in ("clip_screen.c", "clip_screen_rows.h", "rtn_codes.c", "threads.h", "vec.h")}
 assert native <= set(names), f"{wheel.name} lacks the C sources compiled on first use: {sorted(native - set(names))}"
 root = Path(tempfile.mkdtemp())
 zipfile.ZipFile(wheel).extractall(root)

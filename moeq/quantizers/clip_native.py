@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 _NATIVE = Path(__file__).with_name("native")
 _SOURCES = [_NATIVE / "clip_screen.c", _NATIVE / "rtn_codes.c"]
-_HEADERS = [_NATIVE / "vec.h", _NATIVE / "clip_screen_rows.h"]  # included by the sources
+_HEADERS = [_NATIVE / "vec.h", _NATIVE / "threads.h", _NATIVE / "clip_screen_rows.h"]  # included by the sources
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-Wno-psabi"]
 _SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # measured maximum relative error of clip_screen.c's |d| ** norm where the result is in [2^-120, 2^127):
@@ -140,6 +140,14 @@ def screening_error_bound(bits: int, norm: float, g: int) -> float:
     return per_term + (math.ceil(g / 16) + 4) * 2.0**-24 + g * 2.0**-24
 
 
+def screening_applies(w: torch.Tensor, bits: int, norm: float, scale_dtype: torch.dtype) -> bool:
+    """Whether :func:`screen_candidates` screens groups ``w [..., g]`` (else it returns None): a CPU float32
+    tensor, a scale dtype, norm and bit width within its bounds, an error bound <= 1e-3, and the library."""
+    return (w.device.type == "cpu" and w.dtype == torch.float32 and scale_dtype in _SCALE_KINDS
+            and _NORM_RANGE[0] <= norm <= _NORM_RANGE[1] and 1 <= bits <= 8
+            and screening_error_bound(bits, norm, w.shape[-1]) <= 1e-3 and load() is not None)
+
+
 def screen_candidates(w: torch.Tensor, p: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype,
                       norm: float, alpha: float, portable: bool = False) -> dict | None:
     """Candidates of the clip search of groups ``w [M, g]`` (float32, CPU) over ratios ``p [C]`` float32.
@@ -150,18 +158,13 @@ def screen_candidates(w: torch.Tensor, p: torch.Tensor, bits: int, sym: bool, sc
     ``range[m]`` is ``(max |w|, min(min w, 0), max(max w, 0))``, exact (None if a weight is not finite); the
     counts are ratios bounded by moments, ratios estimated and 16-wide vectors estimated. The estimates'
     tolerance is twice :func:`screening_error_bound`, at least 1e-4. ``portable``: the portable kernels even
-    where AVX-512 is available (tests). None where the C path does not apply (no library, a GPU tensor, a scale
-    dtype, norm or bit width outside its bound, or a bound above 1e-3): the caller screens in torch.
+    where AVX-512 is available (tests). None where :func:`screening_applies` is false: the caller screens in
+    torch.
     """
-    if (w.device.type != "cpu" or w.dtype != torch.float32 or scale_dtype not in _SCALE_KINDS
-            or not _NORM_RANGE[0] <= norm <= _NORM_RANGE[1] or not 1 <= bits <= 8):
-        return None
-    bound = screening_error_bound(bits, norm, w.shape[-1])
-    if bound > 1e-3:
+    if not screening_applies(w, bits, norm, scale_dtype):
         return None
     lib = load()
-    if lib is None:
-        return None
+    bound = screening_error_bound(bits, norm, w.shape[-1])
     w = w.contiguous()
     p = p.to(torch.float32).contiguous()
     m, g = w.shape

@@ -92,7 +92,7 @@ def group_params(
     scales = torch.empty(groups.shape[0], dtype=scale_dtype, device=w.device)
     zeros = None if spec.sym else torch.empty(groups.shape[0], dtype=torch.uint8, device=w.device)
     if max_elems is None:
-        native = w.device.type == "cpu" and clip_native.load() is not None
+        native = clip_native.screening_applies(groups, spec.bits, norm, scale_dtype)
         max_elems = max(1, groups.numel()) if native else 1 << 18
     step = max(1, max_elems // max(1, g))
     for r0 in range(0, groups.shape[0], step):

@@ -32,9 +32,9 @@
  * it through ctypes on tensors' data pointers. Two kernel sets: portable GNU C vectors, and AVX-512
  * intrinsics (getexp/getmant/scalef: ~26 instead of ~45 vector ops per |d|^norm) picked at run time.
  */
-#include <pthread.h>
 #include <stdlib.h>
 
+#include "threads.h"
 #include "vec.h"
 
 enum { SCALE_F32 = 0, SCALE_BF16 = 1, SCALE_F16 = 2 };
@@ -216,15 +216,6 @@ static void scratch_free(scratch_t *sc) {
 #define LOG2V log2_generic
 #define EXP2V exp2_generic
 #include "clip_screen_rows.h"
-#undef SCREEN_ROWS
-#undef MOMENT_BOUNDS
-#undef ATTR
-#undef MOMENTS
-#undef POWSUM
-#undef RATIO_PARAMS
-#undef POWV
-#undef LOG2V
-#undef EXP2V
 #ifdef HAVE_X86
 #define SCREEN_ROWS screen_rows_avx512
 #define MOMENT_BOUNDS moment_bounds_avx512
@@ -236,17 +227,7 @@ static void scratch_free(scratch_t *sc) {
 #define LOG2V log2v_avx512
 #define EXP2V exp2v_avx512
 #include "clip_screen_rows.h"
-#undef SCREEN_ROWS
-#undef MOMENT_BOUNDS
-#undef ATTR
-#undef MOMENTS
-#undef POWSUM
-#undef RATIO_PARAMS
-#undef POWV
-#undef LOG2V
-#undef EXP2V
 #endif
-
 
 static void *screen_thread(void *arg) {
     job_t *j = arg;
@@ -276,27 +257,18 @@ int moeq_clip_screen(const float *w, int64_t m, int64_t g, const float *p, int64
     if (m < 0 || g <= 0 || nc <= 0 || bits < 1 || bits > 8 || scale_kind < 0 || scale_kind > 2 || sym < 0 ||
         sym > 1 || !(tau > 0.0 && tau < 0.5) || !(alpha >= 0.0) || !(norm >= 1.0f && norm <= 8.0f))
         return -1;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > 64) nthreads = 64;
-    if (nthreads > m) nthreads = m > 0 ? (int)m : 1;
+    nthreads = clamp_threads(nthreads, m);
     const int avx = use_avx512(isa);
     int decreasing = 1;
     for (int64_t c = 0; c + 1 < nc; c++) decreasing &= p[c + 1] < p[c];
-    job_t jobs[64];
-    pthread_t tid[64];
-    int started[64] = {0};
+    job_t jobs[MAX_THREADS];
     const int64_t per = (m + nthreads - 1) / nthreads;
     for (int t = 0; t < nthreads; t++) {
         const int64_t r0 = t * per < m ? t * per : m, r1 = r0 + per < m ? r0 + per : m;
         jobs[t] = (job_t){w + r0 * g, r1 - r0, g, p, nc, bits, sym, scale_kind, avx, decreasing, norm, tau, alpha,
                           cand + r0 * nc, best + r0, range + 3 * r0, {0, 0, 0, 0}, 0};
-        if (t > 0) started[t] = pthread_create(&tid[t], NULL, screen_thread, &jobs[t]) == 0;
     }
-    screen_thread(&jobs[0]);
-    for (int t = 1; t < nthreads; t++) {
-        if (started[t]) pthread_join(tid[t], NULL);
-        else screen_thread(&jobs[t]);  /* no thread: do its share here */
-    }
+    run_jobs(jobs, sizeof jobs[0], nthreads, screen_thread);
     int failed = 0;
     for (int i = 0; i < 4; i++) {
         stats[i] = 0;

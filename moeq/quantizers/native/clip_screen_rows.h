@@ -1,6 +1,6 @@
 /* The per-group clip search screening of clip_screen.c, included once per kernel set with SCREEN_ROWS,
  * MOMENT_BOUNDS and RATIO_PARAMS (the functions' names), ATTR (their target attribute), MOMENTS, POWSUM
- * (the kernels) and POWV, LOG2V, EXP2V (16-wide |a|^norm, log2, 2^y) defined. */
+ * (the kernels) and POWV, LOG2V, EXP2V (16-wide |a|^norm, log2, 2^y) defined; it undefines them at its end. */
 
 #define RATIO(c) ((ratio_t){sc->s[c], sc->r[c], sc->lo[c], sc->hi[c]})
 
@@ -166,3 +166,13 @@ ATTR static void SCREEN_ROWS(job_t *j, scratch_t *sc) {
 
 #undef ESTIMATE
 #undef RATIO
+/* this inclusion's parameters: the next one defines its own */
+#undef SCREEN_ROWS
+#undef MOMENT_BOUNDS
+#undef ATTR
+#undef MOMENTS
+#undef POWSUM
+#undef RATIO_PARAMS
+#undef POWV
+#undef LOG2V
+#undef EXP2V

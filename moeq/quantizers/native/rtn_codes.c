@@ -1,9 +1,9 @@
 /* RTN codes of moeq's CPU path (moeq/quantizers/rtn.py, rtn_quantize_with_error): the codes and packed words
  * of moeq_kernels.packing (quantize_with_params, pack) bit for bit, and the error sums of the report, in one
  * pass over the weights. Built with clip_screen.c into one library (clip_native.py). */
-#include <pthread.h>
 #include <stdlib.h>
 
+#include "threads.h"
 #include "vec.h"
 
 typedef struct {
@@ -133,27 +133,18 @@ static void *codes_thread(void *arg) {
 int moeq_rtn_codes(const float *w, int64_t m, int64_t g, const float *s, const float *z, int bits, int packed,
                    int nthreads, uint8_t *out, double *sums) {
     if (m < 0 || g <= 0 || bits < 1 || bits > 8 || (packed && (8 % bits || (g * bits) % 32))) return -1;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > 64) nthreads = 64;
-    if (nthreads > m) nthreads = m > 0 ? (int)m : 1;
+    nthreads = clamp_threads(nthreads, m);
     const int avx = use_avx512(0);
     const int64_t per = (m + nthreads - 1) / nthreads, row_bytes = packed ? g * bits / 8 : g;
-    codes_job_t jobs[64];
-    pthread_t tid[64];
-    int started[64] = {0};
+    codes_job_t jobs[MAX_THREADS];
     for (int t = 0; t < nthreads; t++) {
         const int64_t r0 = t * per < m ? t * per : m, r1 = r0 + per < m ? r0 + per : m;
         jobs[t] = (codes_job_t){w + r0 * g, s + r0, z ? z + r0 : NULL, r1 - r0, g, bits, packed, avx,
                                 out + r0 * row_bytes, {0.0, 0.0}, 0};
-        if (t > 0) started[t] = pthread_create(&tid[t], NULL, codes_thread, &jobs[t]) == 0;
     }
-    codes_thread(&jobs[0]);
+    run_jobs(jobs, sizeof jobs[0], nthreads, codes_thread);
     int status = 0;
     for (int t = 0; t < nthreads; t++) {
-        if (t > 0) {
-            if (started[t]) pthread_join(tid[t], NULL);
-            else codes_thread(&jobs[t]);
-        }
         sums[0] += jobs[t].sums[0];
         sums[1] += jobs[t].sums[1];
         status = status ? status : jobs[t].status;
