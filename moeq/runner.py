@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 
 from moeq.calib.expert_tokens import expert_token_stats, format_token_stats
 from moeq.config import QuantConfig
+from moeq.memory import release_freed_memory
 from moeq.models import MoEAdapter
+from moeq.nn.dense_cache import dense_weights
 from moeq.quantizers.gptq_layer import LayerQuantizer
 
 logger = logging.getLogger(__name__)
@@ -81,12 +83,15 @@ def capture_inputs(model, adapter, ids: torch.Tensor, attention_mask: torch.Tens
 
 
 def iter_layer(layer: nn.Module, inputs: LayerInputs, device, on_sample=None):
-    """The layer's output ``[1, L, H]`` for each calibration sample in turn (one sample in flight)."""
-    for j, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
-        if on_sample is not None:
-            on_sample(j)
-        y = layer(h.to(device), **kw)
-        yield y[0] if isinstance(y, tuple) else y
+    """The layer's output ``[1, L, H]`` for each calibration sample in turn (one sample in flight); its
+    quantized modules dequantize each weight once for all samples (:func:`moeq.nn.dense_cache.dense_weights`)."""
+    with dense_weights(layer):
+        for j, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            if on_sample is not None:
+                on_sample(j)
+            y = layer(h.to(device), **kw)
+            yield y[0] if isinstance(y, tuple) else y
+            release_freed_memory()
 
 
 def _run_layer(layer: nn.Module, inputs: LayerInputs, device, on_sample=None) -> list[torch.Tensor]:

@@ -20,11 +20,12 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -37,10 +38,28 @@ ST_DTYPES = {dt: name for name, dt in ST_BY_NAME.items()}  # torch dtype -> safe
 TMP_TAG, OLD_TAG = ".moeq-tmp-", ".moeq-old-"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+_READ_BACK = 16 * 2**20  # bytes per read when a written file's digest is computed from the disk
 
 
 class DestinationError(ValueError):
     """The output directory cannot be written: it holds other data, is the source, or needs ``overwrite``."""
+
+
+def _header(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], meta: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """The header bytes of a file holding tensors of ``layout`` (name -> dtype, shape) and each tensor's
+    data offset: tensors by decreasing element size then name, sorted keys, padded to 8 bytes."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(meta.items()))}
+    offsets, offset = {}, 0
+    for key in sorted(layout, key=lambda k: (-layout[k][0].itemsize, k)):
+        dtype, shape = layout[key]
+        if dtype not in ST_DTYPES:
+            raise TypeError(f"{key}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offsets[key] = offset
+        offset += nbytes
+    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return blob + b" " * (-len(blob) % 8), offsets
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
@@ -51,23 +70,14 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     no whitespace, padded with spaces to a multiple of 8 bytes. With ``digest_key`` the data SHA-256 is also
     stored in the metadata under that key (computed before the header is written).
     """
+    raws = {k: _raw_bytes(t) for k, t in tensors.items()}
+    layout = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    raws = {k: _raw_bytes(tensors[k]) for k in order}
     digest = hashlib.sha256()
     for key in order:
         digest.update(raws[key])
     meta = dict(metadata, **({digest_key: digest.hexdigest()} if digest_key else {}))
-    header: dict[str, object] = {"__metadata__": dict(sorted(meta.items()))}
-    offset = 0
-    for key in order:
-        t = tensors[key]
-        if t.dtype not in ST_DTYPES:
-            raise TypeError(f"{key}: dtype {t.dtype} cannot be stored in safetensors")
-        nbytes = t.numel() * t.element_size()
-        header[key] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    blob, _ = _header(layout, meta)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
@@ -76,6 +86,53 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         f.flush()
         os.fsync(f.fileno())
     return digest.hexdigest()
+
+
+def write_safetensors_parts(path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                            parts: Iterable[dict[str, torch.Tensor]], metadata: dict[str, str],
+                            digest_key: str | None = None) -> str:
+    """The file :func:`write_safetensors` writes for the same tensors, holding one part of them at a time.
+
+    ``layout`` (name -> dtype, shape) fixes the header up front; each dict of ``parts`` is written at its
+    tensors' offsets and released before the next one is produced (the streaming pipeline's embeddings and
+    lm_head: 0.6 GiB each for Qwen3's vocabulary). The data SHA-256 is then read back from the file and
+    patched into the header under ``digest_key``. Raises ``ValueError`` when a part's tensor is not in
+    ``layout``, differs from it in dtype or shape, or comes twice, or when a tensor never came.
+    """
+    meta = dict(metadata, **({digest_key: "0" * 64} if digest_key else {}))
+    blob, offsets = _header(layout, meta)
+    done: set[str] = set()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        start = f.tell()
+        for part in parts:
+            _write_part(f, path, part, layout, offsets, start, done)
+            del part  # before the next part is produced
+        if done != set(layout):
+            raise ValueError(f"{path.name}: no data for {sorted(set(layout) - done)}")
+        f.flush()
+        os.fsync(f.fileno())
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(_READ_BACK):
+            digest.update(chunk)
+    if digest_key:
+        patch_metadata(path, {digest_key: digest.hexdigest()})
+    return digest.hexdigest()
+
+
+def _write_part(f, path: Path, part: dict[str, torch.Tensor], layout: dict, offsets: dict[str, int], start: int,
+                done: set[str]) -> None:
+    """Write the tensors of ``part`` at their offsets (a function, so no reference outlives the call)."""
+    for key, t in part.items():
+        if key in done or key not in layout or (t.dtype, tuple(t.shape)) != tuple(layout[key]):
+            want = "written already" if key in done else layout.get(key, "no such tensor")
+            raise ValueError(f"{path.name}: {key} {t.dtype} {tuple(t.shape)} does not fit the layout ({want})")
+        f.seek(start + offsets[key])
+        f.write(_raw_bytes(t))
+        done.add(key)
 
 
 def patch_metadata(path: Path, updates: dict[str, str]) -> None:

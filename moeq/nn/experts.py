@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from moeq.config import WeightSpec
-from moeq_kernels import ops
+from moeq_kernels import backends, ops
 from moeq_kernels.act_quant import ActSpec
 from moeq_kernels.experts import ExpertWeights
 from moeq_kernels.packing import SCALE_DTYPES, PackedWeight, check_pack_dims
+from moeq_kernels.reference import fused_experts_ref
 
 PROJ_NAMES = ("gate_up", "down")
 
@@ -57,6 +58,7 @@ class QuantizedExperts(nn.Module):
         self.scale_dtype, self.activation = scale_dtype, activation
         self.online_hadamard, self.backend = online_hadamard, backend
         self.act13, self.act2 = act13, act2
+        self._dense_cache: dict | None = None  # dequantized experts while in moeq.nn.dense_cache.dense_weights
         self._alloc("w13", num_experts, 2 * intermediate_dim, hidden_dim, w13_spec, device)
         self._alloc("w2", num_experts, hidden_dim, intermediate_dim, w2_spec, device)
 
@@ -126,7 +128,12 @@ class QuantizedExperts(nn.Module):
                 f"top_k_index {tuple(top_k_index.shape)} / top_k_weights {tuple(top_k_weights.shape)} must both be "
                 f"[T={hidden_states.shape[0]}, k]"
             )
-        return ops.apply_experts(hidden_states, top_k_index, top_k_weights, self.weights(), self.backend)
+        weights = self.weights()
+        if self._dense_cache is not None:
+            attrs = weights.dispatch_attrs(hidden_states, top_k_index, explicit=self.backend != "auto")
+            if backends.backend_for("fused_experts", hidden_states.device, self.backend, **attrs) == "reference":
+                return fused_experts_ref(hidden_states, top_k_index, top_k_weights, weights, self._dense_cache)
+        return ops.apply_experts(hidden_states, top_k_index, top_k_weights, weights, self.backend)
 
     def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` in ``dtype`` (for fake-quant checks)."""
@@ -139,6 +146,8 @@ class QuantizedExperts(nn.Module):
     def _apply(self, fn, recurse=True):
         # ``model.float()`` / ``model.to(torch.float32)`` would cast the scales too; the format keeps them 16-bit.
         super()._apply(fn, recurse)
+        if self._dense_cache is not None:  # moved or cast: the cached copies are of the old tensors
+            self._dense_cache = {}
         for prefix in ("w13", "w2"):
             s = getattr(self, f"{prefix}_scales")
             if s is not None and s.dtype != self.scale_dtype and s.dtype.is_floating_point:

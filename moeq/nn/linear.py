@@ -29,6 +29,7 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"scale_dtype must be float16 or bfloat16, got {scale_dtype}")
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.scale_dtype, self.backend, self.act = scale_dtype, backend, act
+        self._dense_cache: dict | None = None  # the dequantized weight while in moeq.nn.dense_cache.dense_weights
         g = check_pack_dims(in_features, spec.bits, spec.group_size)
         self.register_buffer("qweight", torch.empty(out_features, in_features * spec.bits // 32, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.empty(out_features, g, dtype=scale_dtype, device=device))
@@ -58,9 +59,16 @@ class QuantizedLinear(nn.Module):
         return PackedWeight(self.qweight[None], self.scales[None], z, self.spec.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.packed()
-        w = ops.dequantize(p.qweight, p.scales, p.qzeros, p.bits, p.group_size, self.backend)[0]
-        return F.linear(fake_quant_act(x, self.act), w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        w = None if self._dense_cache is None else self._dense_cache.get((x.dtype, x.device))
+        if w is None:
+            p = self.packed()
+            if self._dense_cache is None:
+                w = ops.dequantize(p.qweight, p.scales, p.qzeros, p.bits, p.group_size, self.backend)[0].to(x.dtype)
+            else:  # allocated before the temporaries, so the kept copy does not sit between freed ones
+                w = torch.empty(self.out_features, self.in_features, dtype=x.dtype, device=x.device)
+                w.copy_(ops.dequantize(p.qweight, p.scales, p.qzeros, p.bits, p.group_size, self.backend)[0])
+                self._dense_cache[(x.dtype, x.device)] = w
+        return F.linear(fake_quant_act(x, self.act), w, None if self.bias is None else self.bias.to(x.dtype))
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -68,6 +76,8 @@ class QuantizedLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # keep scales 16-bit through model.float() (see QuantizedExperts._apply)
         super()._apply(fn, recurse)
+        if self._dense_cache is not None:  # moved or cast: the cached copies are of the old tensors
+            self._dense_cache = {}
         if self.scales.dtype in SCALE_DTYPES:
             self.scale_dtype = self.scales.dtype
         elif self.scales.is_floating_point():

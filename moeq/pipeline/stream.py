@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from moeq import __version__
 from moeq.config import FORMAT_VERSION, QUANT_METHOD, QuantConfig
 from moeq.io.atomic import ST_DTYPES, CheckpointTransaction, check_destination, patch_metadata, write_json, \
-    write_safetensors
+    write_safetensors, write_safetensors_parts
 from moeq.io.checkpoint import INDEX_NAME, _check_finite_scales, checkpoint_tensors, module_entries, \
     quantization_config_from
 from moeq.io.integrity import META_CONFIG, META_DATA, META_LAYOUT, canonical_sha256, layout_sha256
@@ -238,12 +239,6 @@ def _shard_meta(config_digest: str, layout_digest: str) -> dict[str, str]:
 def _finish(reader: _Reader, model, adapter, config, stages, run: PartialRun, names, ids, mask, calib_source, tokenizer, dest,
             on_step) -> Path:
     """Write the non-layer shard, the config and the index, patch the digests in, and swap into place."""
-    reader.load(model, _outer_names(reader.plan_model, adapter))
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    for s in stages:
-        s.outer(model, adapter, "embed")
-        s.outer(model, adapter, "head")
     modules, linears, calibration, layout, sizes = {}, {}, {}, {}, {}
     for i in sorted(run.layers):
         rec = run.layers[i]
@@ -257,20 +252,20 @@ def _finish(reader: _Reader, model, adapter, config, stages, run: PartialRun, na
                                    "tokens": int(ids.numel() if mask is None else mask.sum())}
         if calib_source is not None:
             calibration["_samples"]["source"] = calib_source
-    model.config.quantization_config = quantization_config_from(config, modules, linears, calibration)
-    model.config.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    rest = {k: v.detach().cpu() for k, v in checkpoint_tensors(model, skip=(adapter.layers_path,)).items()}
-    layout.update({k: (ST_DTYPES[t.dtype], tuple(t.shape)) for k, t in rest.items()})
-    sizes[names[-1]] = (list(rest), sum(t.numel() * t.element_size() for t in rest.values()))
+    rest, parts = _outer_parts(reader, model, adapter, stages)
+    layout.update({k: (ST_DTYPES[d], tuple(s)) for k, (d, s) in rest.items()})
+    sizes[names[-1]] = (list(rest), sum(math.prod(s) * d.itemsize for d, s in rest.values()))
     with CheckpointTransaction(dest, on_step, workdir=run.dir) as tx:
+        tx.step("rest")  # first: the stages' outer hooks run as it is written (rotation may untie lm_head)
+        write_safetensors_parts(tx.dir / names[-1], rest, parts, _shard_meta(_PLACEHOLDER, _PLACEHOLDER),
+                                digest_key=META_DATA)
         tx.step("config")
+        model.config.quantization_config = quantization_config_from(config, modules, linears, calibration)
+        model.config.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         model.config.save_pretrained(tx.dir)
         written = json.loads((tx.dir / "config.json").read_text())["quantization_config"]
         digests = {META_CONFIG: canonical_sha256(written), META_LAYOUT: layout_sha256(layout)}
-        tx.step("rest")
-        write_safetensors(tx.dir / names[-1], rest, _shard_meta(digests[META_CONFIG], digests[META_LAYOUT]),
-                          digest_key=META_DATA)
-        for name in names[:-1]:
+        for name in names:
             tx.step(f"patch:{name}")
             patch_metadata(tx.dir / name, digests)
         tx.step("index")
@@ -284,3 +279,43 @@ def _finish(reader: _Reader, model, adapter, config, stages, run: PartialRun, na
         run.clean()
     logger.info("saved %d tensors in %d shard(s) to %s", len(layout), len(names), dest)
     return dest
+
+
+def _outer_parts(reader: _Reader, model, adapter, stages: list[Stage]):
+    """The non-layer tensors as ``(layout: name -> (dtype, shape), parts)``: ``parts`` yields them one group
+    of modules at a time (the embeddings, then the final norm + lm_head + the rest), each group read, passed
+    through the stages' outer hooks, and sent back to meta before the next is read, so only one of the two
+    vocabulary-sized matrices is in memory. Tied embeddings are one matrix: one group, read up front (the
+    hooks decide whether lm_head stays tied, so the layout is known only then)."""
+    outer = _outer_names(reader.plan_model, adapter)
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors = _outer_group(reader, model, adapter, stages, outer, outer, ("embed", "head"))
+        return {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, iter([tensors])
+    lead = adapter.layers_path + "."
+    layout = {k: (t.dtype, tuple(t.shape)) for k, t in model.state_dict().items() if not k.startswith(lead)}
+    groups = [([adapter.embed_path], ("embed",)), ([n for n in outer if n != adapter.embed_path], ("head",))]
+
+    def parts():
+        for group, hooks in groups:
+            tensors = _outer_group(reader, model, adapter, stages, outer, group, hooks)
+            yield tensors
+            del tensors
+            for name in group:
+                model.get_submodule(name).to("meta")
+            release_freed_memory()
+
+    return layout, parts()
+
+
+def _outer_group(reader: _Reader, model, adapter, stages: list[Stage], outer: list[str], group: list[str],
+                 hooks) -> dict:
+    """Read modules ``group`` (of the non-layer modules ``outer``) into ``model``, run the stages' outer
+    ``hooks`` parts, return their tensors (a tied copy once)."""
+    reader.load(model, group)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    for s in stages:
+        for part in hooks:
+            s.outer(model, adapter, part)
+    skip = (adapter.layers_path, *(n for n in outer if n not in group))
+    return {k: v.detach().cpu() for k, v in checkpoint_tensors(model, skip=skip).items()}

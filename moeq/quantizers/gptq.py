@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from moeq.config import WeightSpec
+from moeq.memory import release_freed_memory
 from moeq.quantizers.rtn import group_params
 from moeq_kernels.packing import PackedWeight, check_pack_dims, pack
 
@@ -35,17 +36,30 @@ class GPTQParams:
     clip_norm: float = 2.4
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp*mean(diag) I)^-1``; retries with 10x damping if not PD."""
-    k = h.shape[0]
-    eye = torch.eye(k, dtype=h.dtype, device=h.device)
-    mean_diag = torch.diag(h).mean().clamp_min(1e-12)
+def _inverse_cholesky(h: torch.Tensor, damp: float, dead: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper Cholesky factor ``[K, K]`` float32 of ``(H + damp*mean(diag) I)^-1`` for ``h [K, K]``, with
+    ``H[i, i] = 1`` first where ``dead [K]`` (bool) is set; retries with 10x damping if not PD. Written into
+    ``out`` when given.
+
+    The damping is added to a copy's diagonal in place (the same sums as ``H + c * I``), and each
+    temporary is freed before the next is made: a ``K x K`` float32 matrix is 16 MiB at K = 2048, and with
+    a new ``eye`` and sum per expert the freed ones fragmented the heap between the kept factors
+    (benchmarks/results/stream_memory.md).
+    """
     for attempt in range(4):
-        try:
-            lower = torch.linalg.cholesky(h + (damp * 10**attempt) * mean_diag * eye)
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-        except torch.linalg.LinAlgError:
-            continue
+        H = h.to(torch.float32, copy=True)
+        if dead is not None:
+            H[dead, dead] = 1.0
+        H.diagonal().add_((damp * 10**attempt) * torch.diag(H).mean().clamp_min(1e-12))
+        lower, info = torch.linalg.cholesky_ex(H)
+        del H
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                return upper if out is None else out.copy_(upper)
     raise RuntimeError(f"Hessian not positive definite even with damping {damp * 1000}")
 
 
@@ -55,21 +69,24 @@ def _params(w: torch.Tensor, spec: WeightSpec, scale_dtype, p: GPTQParams):
     return s[..., 0], None if z is None else z[..., 0]
 
 
-def _prepare(w: torch.Tensor, h: torch.Tensor, spec: WeightSpec, scale_dtype, p: GPTQParams):
-    """One expert's float32 weights ``[N, K]``, inverse-Cholesky factor ``[K, K]`` and column order.
+def _dead(h: torch.Tensor) -> torch.Tensor | None:
+    """The inputs that never fired (``H[i, i] == 0``) as a ``[K]`` mask, or None when there are none."""
+    dead = torch.diag(h) == 0
+    return dead if bool(dead.any()) else None
 
-    Dead inputs get ``H[i, i] = 1``; with ``act_order`` the columns (and ``H``) are permuted by decreasing
-    ``diag(H)`` and the static group parameters ``[N, G]`` are computed here from the original weights.
-    Returns ``(W, hinv, perm or None, scales or None, zeros or None)``.
+
+def _prepare_act_order(w: torch.Tensor, h: torch.Tensor, spec: WeightSpec, scale_dtype, p: GPTQParams):
+    """One expert's act-order working set: float32 weights ``[N, K]`` with their columns permuted by
+    decreasing ``diag(H)``, the inverse-Cholesky factor ``[K, K]`` of the permuted ``H``, the permutation
+    ``[K]`` and the static group parameters ``[N, G]`` computed from the original weights.
+    Returns ``(W, hinv, perm, scales, zeros or None)``.
     """
     k = w.shape[1]
     g = k if spec.group_size == -1 else spec.group_size
-    W = w.to(torch.float32).clone()
-    H = h.to(torch.float32).clone()
+    W = w.to(torch.float32)
+    H = h.to(torch.float32, copy=True)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    if not p.act_order:
-        return W, _inverse_cholesky(H, p.damp), None, None, None
     perm = torch.argsort(torch.diag(H), descending=True)
     parts = [_params(W[:, gi * g : (gi + 1) * g], spec, scale_dtype, p) for gi in range(k // g)]
     scales = torch.stack([s for s, _ in parts], 1)
@@ -137,7 +154,7 @@ def gptq_quantize_stack(w: torch.Tensor, hs: list[torch.Tensor], spec: WeightSpe
     zeros = None if spec.sym else torch.empty(e_, n, ngroups, dtype=torch.uint8, device=w.device)
     if p.act_order:
         for ei in range(e_):  # one expert's working copy at a time
-            W, hinv, perm, s, z = _prepare(w[ei], hs[ei], spec, scale_dtype, p)
+            W, hinv, perm, s, z = _prepare_act_order(w[ei], hs[ei], spec, scale_dtype, p)
             scales[ei], codes_e = s, codes[ei : ei + 1]
             if zeros is not None:
                 zeros[ei] = z
@@ -145,13 +162,18 @@ def gptq_quantize_stack(w: torch.Tensor, hs: list[torch.Tensor], spec: WeightSpe
                          None if zeros is None else zeros[ei : ei + 1], codes_e, spec, scale_dtype, p)
             del W, hinv
     else:
-        W = torch.empty(e_, n, k, dtype=torch.float32, device=w.device)  # filled in place: no second copy
-        hinvs = []
+        # The heap is trimmed before the stacks are made and after the factors' temporaries are freed: the
+        # factorization's and the previous call's freed temporaries stayed resident beside the stacks (on a
+        # Qwen3-30B-A3B-shaped layer, 1 thread: 0.13 GiB of the pipeline's peak; each trim takes ~1 ms
+        # against seconds of column loop). Both stacks are allocated before any per-expert temporary.
+        release_freed_memory()
+        W = w.to(torch.float32, copy=True)  # updated in place
+        hinv = torch.empty(e_, k, k, dtype=torch.float32, device=w.device)
         for ei in range(e_):
-            W[ei], hinv = _prepare(w[ei], hs[ei], spec, scale_dtype, p)[:2]
-            hinvs.append(hinv)
-        _column_loop(W, hinvs, None, scales, zeros, codes, spec, scale_dtype, p)
-        del W, hinvs
+            _inverse_cholesky(hs[ei], p.damp, _dead(hs[ei]), out=hinv[ei])
+        release_freed_memory()
+        _column_loop(W, list(hinv), None, scales, zeros, codes, spec, scale_dtype, p)
+        del W, hinv
     packed = PackedWeight(pack(codes, spec.bits), scales, zeros, spec.bits, g)
     errs = []
     for ei, one in enumerate(unstack_packed(packed)):  # one expert's delta at a time: the whole stack's values

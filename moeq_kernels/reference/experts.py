@@ -14,7 +14,8 @@ ACTIVATIONS = {"silu": F.silu}
 
 
 def fused_experts_ref(
-    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, weights: ExpertWeights
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, weights: ExpertWeights,
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """``sum_j w[t, j] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = top_k_index[t, j]``.
 
@@ -28,6 +29,10 @@ def fused_experts_ref(
             ``W_down <- W_down H`` was folded into the weights); ``act13`` / ``act2``: per-token activation
             fake-quant of the gate_up input / the down input (after the Hadamard), as a W4A8/W4A4 kernel
             computes them (:mod:`moeq_kernels.act_quant`).
+        cache: when given, each expert's dense weights are taken from it, or dequantized once and stored
+            there (one stack per projection and dtype): calibration runs many samples through one quantized
+            layer, and dequantizing every hit expert per call was 90% of that time and churned the C heap
+            (``moeq.nn.dense_cache``). Same values as without it.
     Returns:
         ``[T, H]`` in ``hidden.dtype``. Products run in ``hidden.dtype``, the weighted sum in float32 (as
         transformers' batched_mm / grouped_mm experts do).
@@ -43,20 +48,31 @@ def fused_experts_ref(
         slots = (flat == e).nonzero().squeeze(-1)
         tok = slots // top_k_index.shape[1]
         x = hidden_q[tok]
-        w13 = _expert(w13p, e, hidden.dtype)
+        w13 = _expert(w13p, e, hidden.dtype, cache, "w13")
         gate, up = F.linear(x, w13).chunk(2, dim=-1)
         h = act(gate) * up
         if weights.online_hadamard:
             h = hadamard_ref(h)
         h = fake_quant_act(h, weights.act2)
-        w2 = _expert(w2p, e, hidden.dtype)
+        w2 = _expert(w2p, e, hidden.dtype, cache, "w2")
         y = F.linear(h, w2)
         w = top_k_weights.reshape(-1)[slots].to(torch.float32).unsqueeze(-1)
         out.index_add_(0, tok, y.to(torch.float32) * w)
     return out.to(hidden.dtype)
 
 
-def _expert(p: PackedWeight, e: int, dtype: torch.dtype) -> torch.Tensor:
-    """Expert ``e`` of a packed stack, dense ``[N, K]`` in ``dtype``."""
+def _expert(p: PackedWeight, e: int, dtype: torch.dtype, cache: dict | None = None, name: str = "") -> torch.Tensor:
+    """Expert ``e`` of a packed stack, dense ``[N, K]`` in ``dtype`` (from / into ``cache`` when given)."""
     zeros = None if p.qzeros is None else p.qzeros[e : e + 1]
-    return dequantize(p.qweight[e : e + 1], p.scales[e : e + 1], zeros, p.bits, p.group_size, dtype)[0]
+    if cache is None:
+        return dequantize(p.qweight[e : e + 1], p.scales[e : e + 1], zeros, p.bits, p.group_size, dtype)[0]
+    # one [E, N, K] stack per projection, allocated before any expert's temporaries: the kept experts then
+    # sit in one block instead of between freed temporaries (which fragmented the heap: 0.3 GiB per layer)
+    key = (name, dtype)
+    if key not in cache:
+        cache[key] = (torch.empty(p.shape, dtype=dtype, device=p.qweight.device), set())
+    stack, done = cache[key]
+    if e not in done:
+        stack[e].copy_(dequantize(p.qweight[e : e + 1], p.scales[e : e + 1], zeros, p.bits, p.group_size, dtype)[0])
+        done.add(e)
+    return stack[e]

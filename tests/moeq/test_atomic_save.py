@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import moeq
 from moeq.io import atomic
-from moeq.io.atomic import DestinationError, write_safetensors
+from moeq.io.atomic import DestinationError, write_safetensors, write_safetensors_parts
 from moeq.io.export import export_checkpoint
 from moeq.testing import tiny_model
 
@@ -47,6 +47,36 @@ def test_writer_is_readable_and_reproducible(tmp_path):
     assert d1 == d2 and (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()
     back = load_file(str(tmp_path / "x.safetensors"))
     assert set(back) == set(t) and all(torch.equal(back[k], t[k]) for k in t)
+
+
+def _layout(t):
+    return {k: (v.dtype, tuple(v.shape)) for k, v in t.items()}
+
+
+def test_parts_writer_gives_the_same_bytes(tmp_path):
+    """Written part by part in any order, the file equals the one-go file, digest included."""
+    g = torch.Generator().manual_seed(0)
+    t = {"w": torch.randn(5, 7, generator=g).to(torch.bfloat16), "q": torch.randint(0, 9, (3, 4), dtype=torch.int32),
+         "n": torch.randn(7, generator=g), "z": torch.zeros(0, 2, dtype=torch.uint8)}
+    meta = {"k": "v", "digest": "0" * 64}
+    d1 = write_safetensors(tmp_path / "one.safetensors", t, meta, digest_key="data")
+    parts = iter([{"n": t["n"], "z": t["z"]}, {"w": t["w"]}, {"q": t["q"]}])  # not the file's order
+    d2 = write_safetensors_parts(tmp_path / "parts.safetensors", _layout(t), parts, meta, digest_key="data")
+    assert d1 == d2 == hashlib.sha256(b"".join(atomic._raw_bytes(t[k]) for k in ("n", "q", "w", "z"))).hexdigest()
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "parts.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("parts,match", [
+    ([{"a": torch.zeros(2)}], r"no data for \['b'\]"),                                     # a tensor never came
+    ([{"a": torch.zeros(3)}, {"b": torch.ones(1)}], r"a torch.float32 \(3,\) does not fit"),  # wrong shape
+    ([{"a": torch.zeros(2, dtype=torch.float16)}], "does not fit"),                       # wrong dtype
+    ([{"a": torch.zeros(2)}, {"a": torch.zeros(2)}], "written already"),                  # twice
+    ([{"c": torch.zeros(1)}], "no such tensor"),                                          # not in the layout
+])
+def test_parts_writer_refuses_what_the_layout_does_not_hold(tmp_path, parts, match):
+    layout = {"a": (torch.float32, (2,)), "b": (torch.float32, (1,))}
+    with pytest.raises(ValueError, match=match):
+        write_safetensors_parts(tmp_path / "x.safetensors", layout, iter(parts), {})
 
 
 def test_same_model_same_bytes(models, tmp_path):

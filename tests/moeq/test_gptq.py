@@ -189,7 +189,9 @@ def test_batched_experts_bit_identical_to_one_at_a_time(spec, act_order, one_thr
     xs = [torch.randn(200, 96, generator=g) * torch.rand(96, generator=g) for _ in range(3)]
     hs = [x.T @ x for x in xs]
     p = GPTQParams(block_size=40, act_order=act_order)  # blocks that straddle groups
+    w_in = w.clone()
     stacked, errs = gptq_quantize_stack(w, hs, spec, torch.float16, p)
+    assert torch.equal(w, w_in)  # float32 input: the working copy must still be a copy
     for e in range(3):
         one, err = gptq_quantize(w[e], hs[e], spec, torch.float16, p)
         assert torch.equal(stacked.qweight[e], one.qweight[0])
@@ -232,3 +234,43 @@ def test_expert_chunks_do_not_change_results(monkeypatch, kwargs):
         metas.append(m.config.quantization_config["calibration"])
     assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
     assert metas[0] == metas[1]
+
+
+def _damped_inverse_f64(h: torch.Tensor, damp: float, dead: list[int]) -> torch.Tensor:
+    ref = h.double().clone()
+    ref[dead, dead] = 1.0
+    ref += damp * ref.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    return torch.linalg.inv(ref)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_inverse_cholesky_is_the_factor_of_the_damped_inverse():
+    """U upper with U^T U = (H' + 0.01 mean(diag H') I)^-1, H'[i, i] = 1 on dead inputs, against float64."""
+    from moeq.quantizers.gptq import _dead, _inverse_cholesky
+
+    x, _, _ = _synthetic(k=64, t=256)
+    x[:, [3, 17]] = 0  # two inputs that never fired
+    h = x.T @ x
+    h_in = h.clone()
+    out = torch.full((64, 64), float("nan"))
+    u = _inverse_cholesky(h, 0.01, _dead(h), out=out)
+    assert u.data_ptr() == out.data_ptr() and torch.equal(h, h_in)
+    assert torch.equal(torch.triu(u), u)
+    assert _rel(u.double().T @ u.double(), _damped_inverse_f64(h, 0.01, [3, 17])) < 1e-4
+
+
+def test_inverse_cholesky_retries_with_more_damping():
+    """An indefinite H (one eigenvalue -0.05, mean diagonal ~0.98) is not PD with 1% damping, but is with
+    10%: the factor is that of the 10x damped matrix."""
+    from moeq.quantizers.gptq import _dead, _inverse_cholesky
+
+    h = torch.eye(64)
+    h[-1, -1] = -0.05
+    assert _dead(h) is None
+    u = _inverse_cholesky(h, 0.01)
+    assert _rel(u.double().T @ u.double(), _damped_inverse_f64(h, 0.1, [])) < 1e-5
+    with pytest.raises(RuntimeError, match="not positive definite"):
+        _inverse_cholesky(-torch.eye(8), 0.01)  # -I stays indefinite at every damping tried

@@ -69,6 +69,53 @@ def test_stream_equals_in_memory(tmp_path, model_type, kw):
     moeq.load_quantized(out, verify=True)  # digests, every byte's SHA-256, value checks
 
 
+@pytest.mark.parametrize("kw", [dict(method="rtn"), dict(method="gptq", rotation="hadamard", online_hadamard=True)])
+def test_tied_embeddings_stream_equals_in_memory(tmp_path, kw):
+    """Tied input/output embeddings: one matrix stored (or untied by rotation), as the whole-model path does."""
+    model = tiny_model("qwen3_moe")
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "src")
+    config = QuantConfig(group_size=32, **kw)
+    calib = _calib() if config.method != "rtn" else None
+    _in_memory(tmp_path / "src", tmp_path / "mem", config, calib)
+    out, _ = quantize_checkpoint(tmp_path / "src", tmp_path / "stream", config, calib)
+    a, b = _tensors(tmp_path / "mem"), _tensors(out)
+    assert a.keys() == b.keys() and ("lm_head.weight" in b) == ("rotation" in kw)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "mem" / "config.json").read_text()) == json.loads((out / "config.json").read_text())
+
+
+def test_final_shard_holds_one_vocabulary_matrix_at_a_time(tmp_path, monkeypatch):
+    """The embeddings and lm_head (0.6 GiB each at Qwen3's vocabulary) are never in memory together while
+    the last shard is written (no live tensor of that shape but the one just read); the bytes equal writing
+    them in one go."""
+    import gc
+
+    import moeq.pipeline.stream as stream
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "src")
+    config = QuantConfig(group_size=32, rotation="hadamard", online_hadamard=True)
+    shape = tuple(tiny_model("qwen3_moe").lm_head.weight.shape)
+    live = []
+    load = stream._Reader.load
+
+    def spy(self, model, names):
+        load(self, model, names)
+        if "lm_head" in names:
+            gc.collect()
+            live.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta
+                            and tuple(o.shape) == shape))
+    monkeypatch.setattr(stream._Reader, "load", spy)
+    quantize_checkpoint(tmp_path / "src", tmp_path / "a", config)
+    assert live == [1]  # lm_head; the embeddings were released before it was read
+    monkeypatch.setattr(stream, "write_safetensors_parts",
+                        lambda path, layout, parts, meta, digest_key: stream.write_safetensors(
+                            path, {k: v for p in parts for k, v in p.items()}, meta, digest_key))
+    quantize_checkpoint(tmp_path / "src", tmp_path / "b", config)  # the same tensors, written in one go
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
 class _Stop(Exception):
     pass
 
