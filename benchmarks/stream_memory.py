@@ -148,7 +148,9 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         real = r["hidden"] == 2048 and r["experts"] == 128
-        shape = f"{r['shape']} {'dims' if real else 'structure'}, H {r['hidden']}, E {r['experts']}, {r['layers']} layers"
+        vocab = f", V {r['vocab']}" if "vocab" in r else ""  # rows before 2026-12-03 did not record it
+        shape = (f"{r['shape']} {'dims' if real else 'structure'}, H {r['hidden']}, E {r['experts']}{vocab}, "
+                 f"{r['layers']} layers")
         cal = f"{r['nsamples']} x {r['seqlen']} ({r['calibration_activation_bytes'] / 2**20:.0f} MiB of activations)" \
             if r["nsamples"] else "-"
         method = r["method"] + ("" if r["clip"] else ", no clip")
@@ -190,7 +192,8 @@ def main(argv=None) -> int:
     size = write_checkpoint(src, _config(args))
     print(f"wrote {size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s", flush=True)
     row = {"shape": args.shape, "layers": args.layers, "hidden": _config(args).hidden_size,
-           "experts": _config(args).num_experts, "method": args.method, "clip": not args.no_clip,
+           "experts": _config(args).num_experts, "vocab": _config(args).vocab_size, "method": args.method,
+           "clip": not args.no_clip,
            "nsamples": args.nsamples if args.method != "rtn" else 0, "seqlen": args.seqlen if args.method != "rtn" else 0,
            **measure(args, src, size), "commit": git_commit(), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d")}

@@ -6,9 +6,12 @@ calibration inputs; then for each decoder layer in turn: its weights are read fr
 :mod:`moeq.io.source`), every enabled stage acts on it (:mod:`moeq.pipeline.stages`: rotation, smoothing,
 router, RTN/GPTQ/AGQ), the calibration activations run through the quantized layer to become the next
 layer's inputs, its packed tensors are written as the layer's own shard, and the layer goes back to meta.
-The embeddings, final norm and lm_head are written last. Peak host memory is one layer (in the source dtype,
-plus the quantizer's temporaries) + the calibration activations + the process, independent of the number of
-layers (``benchmarks/stream_memory.py`` measures it).
+The last shard (the embeddings, final norm, lm_head and any other outer tensor) is written after the layers,
+streamed: the embeddings are read, written and freed before the head is read, so one vocabulary matrix is in
+memory at a time (tied embeddings: the one matrix). Peak host memory is one layer (in the source dtype, plus
+the quantizer's temporaries, plus one dense copy of each expert stack while the calibration activations run
+through the quantized layer, see :mod:`moeq.nn.dense_cache`) + the calibration activations + the process,
+independent of the number of layers (``benchmarks/stream_memory.py`` measures it).
 
 Output: ``model-<i>-of-<L+1>.safetensors`` for layer ``i - 1`` and the last shard for the rest, with the
 index, ``config.json`` and the same digests and values as :func:`moeq.save_quantized` writes (format 2). The
