@@ -108,6 +108,8 @@ def main() -> None:
                                                               for k in native_out)
     set_screening(True)
     meta = {**env_header(torch.device("cpu")), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "screening_kernels": clip_native.kernel_set(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_start": load_start,
             "load_avg_end": os.getloadavg(), "command": " ".join(sys.argv), "repeats": a.repeats}
     counts = screening_counts(full)

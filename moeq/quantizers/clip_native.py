@@ -124,6 +124,8 @@ def load() -> ctypes.CDLL | None:
     lib.moeq_rtn_codes.argtypes = [ptr, i64, i64, ptr, ptr, cint, cint, cint, ptr, ptr]
     lib.moeq_rtn_codes.restype = ctypes.c_int
     lib.moeq_pow_approx.restype = ctypes.c_int
+    lib.moeq_clip_kernels.argtypes = []
+    lib.moeq_clip_kernels.restype = ctypes.c_int
     log.info("clip search screening: native (%s)", path)
     return lib
 
@@ -217,6 +219,16 @@ def rtn_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
     if rc:
         raise RuntimeError(f"moeq_rtn_codes rejected its arguments (m={m}, g={g}, bits={bits})")
     return float(sums[0]), float(sums[1])
+
+
+def kernel_set() -> str | None:
+    """The screening's kernels on this CPU: ``"avx512"`` or ``"portable"`` (GNU C vectors); None without the
+    library. ``benchmarks/results/rtn_speed.md`` (AVX-512) and ``rtn_speed_portable.md`` (a CPU without it)
+    give the per-layer times of each, measured on different machines."""
+    lib = load()
+    if lib is None:
+        return None
+    return "avx512" if lib.moeq_clip_kernels() else "portable"
 
 
 def pow_approx(x: torch.Tensor, norm: float, portable: bool = False) -> torch.Tensor:

@@ -61,22 +61,30 @@ typedef struct {
 
 /* ---------------------------------------------------------------- portable kernels (GNU C vectors) */
 
+/* a ratio's parameters broadcast once per loop: a splat inside the loop body is not hoisted (it is split
+ * into the target's vector pieces after the loop optimizations ran) and cost 18% of the portable screening */
+typedef struct {
+    vf s, r, lo, hi;
+} ratio_v;
+
+INLINE ratio_v ratio_splat(ratio_t rt) { return (ratio_v){splat(rt.s), splat(rt.r), splat(rt.lo), splat(rt.hi)}; }
+
 /* |c s - w| with c = clamp(round(w * fl(1/s))); |q| <= 255 after the clamp, so 1.5 * 2^23 rounds */
-INLINE vf resid_generic(vf x, ratio_t rt) {
+INLINE vf resid_generic(vf x, ratio_v rt) {
     vf q = x * rt.r;
-    q = sel(q < splat(rt.lo), splat(rt.lo), q);
-    q = sel(q > splat(rt.hi), splat(rt.hi), q);
+    q = vmin(rt.hi, vmax(rt.lo, q));  /* q < lo ? lo : q, then q > hi ? hi : q */
     const vf c = (q + 12582912.0f) - 12582912.0f;
     return (vf)((vi)(c * rt.s - x) & splati(0x7fffffff));  /* c s is exact: the residual rounds once */
 }
 
 /* S1 = sum |d|, S2 = sum d^2 of the residuals (resid_generic) */
 INLINE void moments_generic(const float *buf, int64_t nv, ratio_t rt, float *s1, float *s2) {
+    const ratio_v rv = ratio_splat(rt);
     vf a1 = splat(0.0f), a2 = splat(0.0f);
     for (int64_t v = 0; v < nv; v++) {
         vf x;
         memcpy(&x, buf + v * VW, sizeof x);
-        const vf d = resid_generic(x, rt);
+        const vf d = resid_generic(x, rv);
         a1 += d;
         a2 += d * d;
     }
@@ -85,11 +93,12 @@ INLINE void moments_generic(const float *buf, int64_t nv, ratio_t rt, float *s1,
 }
 
 INLINE float powsum_generic(const float *buf, int64_t nv, ratio_t rt, float norm, double thr, int64_t *vectors) {
+    const ratio_v rv = ratio_splat(rt);
     vf acc = splat(0.0f);
     for (int64_t v = 0; v < nv; v++) {
         vf x;
         memcpy(&x, buf + v * VW, sizeof x);
-        acc += pow_generic(resid_generic(x, rt), norm);
+        acc += pow_generic(resid_generic(x, rv), norm);
         if ((v & 3) == 3 && v + 1 < nv && (double)hsum(acc) > thr) {
             *vectors += v + 1;
             return INFINITY;
@@ -146,7 +155,7 @@ INLINE vf round_scale(vf x, int kind) {
     if (kind == SCALE_BF16) return (vf)((b + 0x7fff + ((b >> 16) & 1)) & (int32_t)0xffff0000);
     if (kind == SCALE_F16) {
         const vf r = (vf)((b + 0x0fff + ((b >> 13) & 1)) & (int32_t)0xffffe000);
-        return sel(r > splat(65504.0f), splat(INFINITY), r);
+        return sel(vgt(r, splat(65504.0f)), splat(INFINITY), r);
     }
     return x;
 }
@@ -159,7 +168,7 @@ INLINE int group_stats(const float *buf, int64_t nv, float *absmax, float *wmin,
     for (int64_t v = 0; v < nv; v++) {
         vf x;
         memcpy(&x, buf + v * VW, sizeof x);
-        bad |= ~((x - x) == splat(0.0f));  /* inf - inf and nan - nan are nan */
+        bad |= ~veq(x - x, splat(0.0f));  /* inf - inf and nan - nan are nan */
         mx = vmax(mx, x);
         mn = vmin(mn, x);
     }
@@ -299,3 +308,6 @@ int moeq_pow_approx(const float *x, int64_t n, float norm, int isa, float *out) 
     pow_array(out, n, norm);
     return 0;
 }
+
+/* the kernel set moeq_clip_screen picks with isa 0: 1 = AVX-512, 0 = portable (recorded by benchmarks) */
+int moeq_clip_kernels(void) { return use_avx512(0); }

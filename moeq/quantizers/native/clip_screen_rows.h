@@ -73,7 +73,7 @@ ATTR static void MOMENT_BOUNDS(job_t *j, scratch_t *sc, int64_t nv, int64_t ns) 
         vf v1, v2;
         memcpy(&v1, a1, sizeof v1);
         memcpy(&v2, a2, sizeof v2);
-        const vi tiny = (v1 < splat(1e-30f)) | (v2 < splat(1e-30f));
+        const vi tiny = vlt(v1, splat(1e-30f)) | vlt(v2, splat(1e-30f));
         v1 = sel(tiny, splat(1.0f), v1);
         v2 = sel(tiny, splat(1.0f), v2);
         vf m = EXP2V((j->norm - 1.0f) * LOG2V(v2) - (j->norm - 2.0f) * LOG2V(v1));

@@ -61,7 +61,7 @@ INLINE void codes_block(const float *x, int64_t n, float sf, float zf, float max
         memcpy(t, x, (size_t)n * sizeof(float));
         memcpy(&v, t, sizeof v);
     }
-    *bad |= ~((v - v) == splat(0.0f));  /* inf - inf, nan: nan */
+    *bad |= ~veq(v - v, splat(0.0f));  /* inf - inf, nan: nan */
     vf q = v / sf;  /* true division, as torch.div */
     q = vmin(vmax(q, splat(-4194304.0f)), splat(4194304.0f));  /* beyond +-2^22 the clamp below decides */
     q = ((q + 12582912.0f) - 12582912.0f) + zf;                    /* round half to even, + zero */

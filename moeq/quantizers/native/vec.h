@@ -21,17 +21,75 @@
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 #define INLINE static inline __attribute__((always_inline))
+typedef float vf4 __attribute__((vector_size(16)));  /* the 4-lane pieces below */
+typedef int32_t vi4 __attribute__((vector_size(16)));
 
-INLINE vf splat(float x) { return (vf){0} + x; }
-INLINE vi splati(int32_t x) { return (vi){0} + x; }
+/* 16 copies of x (as 0 + x: -0 becomes +0), built from a 4-lane broadcast: GCC 12's lowering of (vf){0} + x
+ * on narrower targets stores the 16 lanes one at a time and reloads them as vectors, 14-18% of the portable
+ * screening's time (perf, same machine as below) */
+INLINE vf splat(float x) {
+    const float y = x + 0.0f;
+    const vf4 p = {y, y, y, y};
+    vf4 t[VW / 4];
+    for (int k = 0; k < VW / 4; k++) t[k] = p;
+    vf v;
+    memcpy(&v, t, sizeof v);
+    return v;
+}
+INLINE vi splati(int32_t x) { return (vi)splat(0.0f) + x; }
 INLINE vf sel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 
+/* Comparisons (all-ones lanes where true), in 4-lane pieces: where the target's vectors are narrower than
+ * 16 lanes (SSE2, AVX2, NEON) GCC 12 lowers a 16-lane comparison one lane at a time (a scalar compare, a
+ * set and a conditional move per lane), while a 4-lane one is one packed compare on every target. Measured
+ * on a 2-core AMD EPYC without AVX-512 (GCC 12.2, -O3): the portable screening spent 53% of its time in
+ * those scalar lanes; a Qwen3-30B-A3B-shaped layer's RTN took 54 s on 2 threads with 16-lane comparisons,
+ * 16-lane splats and the lane-by-lane sum (benchmarks/results/rtn_speed_portable.md: with these pieces). */
+#define CMP_PIECES(name, T, T4, op)                                         \
+    INLINE vi name(T a, T b) {                                              \
+        T4 x[VW / 4], y[VW / 4];                                            \
+        vi4 r[VW / 4];                                                      \
+        vi out;                                                             \
+        memcpy(x, &a, sizeof x);                                            \
+        memcpy(y, &b, sizeof y);                                            \
+        for (int k = 0; k < VW / 4; k++) r[k] = (vi4)(x[k] op y[k]);        \
+        memcpy(&out, r, sizeof out);                                        \
+        return out;                                                         \
+    }
+CMP_PIECES(vlt, vf, vf4, <)
+CMP_PIECES(vgt, vf, vf4, >)
+CMP_PIECES(veq, vf, vf4, ==)
+CMP_PIECES(vilt, vi, vi4, <)
+#undef CMP_PIECES
+
+/* a > b ? a : b and a < b ? a : b lane by lane (b where either is NaN); on x86-64 SSE's maxps/minps are exactly
+ * these, one instruction per 4 lanes instead of a compare and three logic operations */
+#ifdef HAVE_X86
+#define MINMAX_PIECES(name, op)                                                            \
+    INLINE vf name(vf a, vf b) {                                                           \
+        __m128 x[VW / 4], y[VW / 4];                                                       \
+        vf out;                                                                            \
+        memcpy(x, &a, sizeof x);                                                           \
+        memcpy(y, &b, sizeof y);                                                           \
+        for (int k = 0; k < VW / 4; k++) x[k] = op(x[k], y[k]);                            \
+        memcpy(&out, x, sizeof out);                                                       \
+        return out;                                                                        \
+    }
+MINMAX_PIECES(vmax, _mm_max_ps)
+MINMAX_PIECES(vmin, _mm_min_ps)
+#undef MINMAX_PIECES
+#else
+INLINE vf vmax(vf a, vf b) { return sel(vgt(a, b), a, b); }
+INLINE vf vmin(vf a, vf b) { return sel(vlt(a, b), a, b); }
+#endif
+
+/* sum of the 16 lanes as a tree (lane i + lane i + 8, then + 4, + 2, + 1), the first two levels on 4-lane
+ * pieces (through memory lane by lane it was 10% of the portable screening) */
 INLINE float hsum(vf a) {
-    float t[VW];
+    vf4 t[VW / 4];
     memcpy(t, &a, sizeof t);
-    for (int w = VW / 2; w > 0; w /= 2)
-        for (int i = 0; i < w; i++) t[i] += t[i + w];
-    return t[0];
+    const vf4 q = (t[0] + t[2]) + (t[1] + t[3]);
+    return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
 /* log2 a for a >= 2^-126 (absolute error <= 3e-6: least-squares degree-6 polynomial on [sqrt(1/2), sqrt(2))) */
@@ -39,7 +97,7 @@ INLINE vf log2_generic(vf a) {
     const vi ib = (vi)a;
     vi e = (ib >> 23) - 127;
     vf m = (vf)((ib & 0x007fffff) | 0x3f800000);       /* [1, 2) */
-    const vi big = m > splat(1.41421356f);
+    const vi big = vgt(m, splat(1.41421356f));
     m = sel(big, m * 0.5f, m);                          /* [sqrt(1/2), sqrt(2)) */
     e = e - big;                                        /* big is -1 where halved */
     const vf t = m - 1.0f;
@@ -54,7 +112,7 @@ INLINE vf log2_generic(vf a) {
 
 /* 2^y, y clamped to [-126, 127] (relative error <= 2.7e-6 in range: least-squares degree 4 on [-1/2, 1/2]) */
 INLINE vf exp2_generic(vf y) {
-    const vf yc = sel(y > splat(127.0f), splat(127.0f), sel(y < splat(-126.0f), splat(-126.0f), y));
+    const vf yc = vmin(splat(127.0f), vmax(splat(-126.0f), y));
     const vf n = (yc + 12582912.0f) - 12582912.0f;      /* round to nearest: 1.5 * 2^23 */
     const vf f = yc - n;                                /* [-1/2, 1/2], exact */
     vf q = splat(0.00956051052f);
@@ -67,9 +125,9 @@ INLINE vf exp2_generic(vf y) {
 
 /* |a|^norm for a >= 0 (sign cleared): 0 for a < 2^-126, inf above 2^127 */
 INLINE vf pow_generic(vf a, float norm) {
-    const vf y = norm * log2_generic(a);
-    const vf r = sel((vi)a < splati(0x00800000), splat(0.0f), exp2_generic(y));
-    return sel(y > splat(127.0f), splat(INFINITY), r);
+    const vf y = splat(norm) * log2_generic(a);
+    const vf r = sel(vilt((vi)a, splati(0x00800000)), splat(0.0f), exp2_generic(y));
+    return sel(vgt(y, splat(127.0f)), splat(INFINITY), r);
 }
 
 /* pow_generic over x [n] in place */
@@ -86,8 +144,6 @@ INLINE void pow_array(float *x, int64_t n, float norm) {
     }
 }
 
-INLINE vf vmax(vf a, vf b) { return sel(a > b, a, b); }
-INLINE vf vmin(vf a, vf b) { return sel(a < b, a, b); }
 
 /* ---------------------------------------------------------------- AVX-512 */
 #ifdef HAVE_X86
