@@ -14,6 +14,8 @@ screenings give the same packed tensors (bits) and records the screening's per-g
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -63,6 +65,17 @@ def quantize(mod: Experts, w_clip: bool) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+@contextlib.contextmanager
+def kernel_set_forced(kernels: str):
+    """Within the block the C screening runs ``kernels`` (clip_native.screen_candidates' argument)."""
+    orig = clip_native.screen_candidates
+    clip_native.screen_candidates = functools.partial(orig, kernels=kernels)
+    try:
+        yield
+    finally:
+        clip_native.screen_candidates = orig
+
+
 def packed_state(mod) -> dict:
     return {k: v.clone() for k, v in mod.state_dict().items()}
 
@@ -91,10 +104,14 @@ def main() -> None:
     quantize(Experts(1, seed=1), True)  # build / load the library outside the timings
     for threads in a.threads:
         torch.set_num_threads(threads)
-        for label, native, mod, w_clip in (("C screening", True, full, True), ("no clip search", True, full, False),
-                                           ("torch screening", False, small, True)):
+        settings = [(f"C screening ({clip_native.kernel_set()})", True, full, True, "best")]
+        if clip_native.kernel_set() != "portable":  # what a CPU without AVX2/AVX-512 (or not x86) runs
+            settings.append(("C screening (portable kernels)", True, full, True, "portable"))
+        settings += [("no clip search", True, full, False, "best"), ("torch screening", False, small, True, "best")]
+        for label, native, mod, w_clip, kernels in settings:
             set_screening(native)
-            times = [quantize(mod, w_clip)[0] for _ in range(a.repeats)]
+            with kernel_set_forced(kernels):
+                times = [quantize(mod, w_clip)[0] for _ in range(a.repeats)]
             scale = 128 / mod.gate_up_proj.shape[0]
             raw[f"{label}, {threads} threads"] = times
             rows.append([label + ("" if scale == 1 else f" ({mod.gate_up_proj.shape[0]} experts x {scale:.0f})"),

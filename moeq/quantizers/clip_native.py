@@ -40,8 +40,10 @@ _SOURCES = [_NATIVE / "clip_screen.c", _NATIVE / "rtn_codes.c"]
 _HEADERS = [_NATIVE / "vec.h", _NATIVE / "threads.h", _NATIVE / "clip_screen_rows.h"]  # included by the sources
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-Wno-psabi"]
 _SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ISA = {"best": 0, "portable": 1, "avx2": 2}  # moeq_clip_screen's isa argument
 # measured maximum relative error of clip_screen.c's |d| ** norm where the result is in [2^-120, 2^127):
-# 1.27e-5 (norm 2.4), 1.02e-5 (3.0), 8.4e-6 (2.0), 5.4e-6 (1.0) on every third float in [2^-52, 2^52]
+# 1.27e-5 (norm 2.4), 1.02e-5 (3.0), 8.4e-6 (2.0), 5.4e-6 (1.0) on every third float in [2^-52, 2^52] (measured
+# on an AVX-512 machine); the AVX2 and portable sets (one polynomial pair): 1.52e-5, 1.42e-5, 8.4e-6, 5.4e-6
 # (tests/moeq/test_clip_native.py re-measures a sample); the native path is used for norms in this range
 _POW_REL_ERR = 2e-5
 _NORM_RANGE = (1.0, 3.0)
@@ -151,7 +153,7 @@ def screening_applies(w: torch.Tensor, bits: int, norm: float, scale_dtype: torc
 
 
 def screen_candidates(w: torch.Tensor, p: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype,
-                      norm: float, alpha: float, portable: bool = False) -> dict | None:
+                      norm: float, alpha: float, kernels: str = "best") -> dict | None:
     """Candidates of the clip search of groups ``w [M, g]`` (float32, CPU) over ratios ``p [C]`` float32.
 
     Returns ``{"cand": [M, C] bool, "best": [M] int32, "range": [M, 3] float32 or None, "moments": int,
@@ -159,9 +161,9 @@ def screen_candidates(w: torch.Tensor, p: torch.Tensor, bits: int, sym: bool, sc
     provably above group ``m``'s minimum; ``best[m]`` is the only candidate where there is one, else -1;
     ``range[m]`` is ``(max |w|, min(min w, 0), max(max w, 0))``, exact (None if a weight is not finite); the
     counts are ratios bounded by moments, ratios estimated and 16-wide vectors estimated. The estimates'
-    tolerance is twice :func:`screening_error_bound`, at least 1e-4. ``portable``: the portable kernels even
-    where AVX-512 is available (tests). None where :func:`screening_applies` is false: the caller screens in
-    torch.
+    tolerance is twice :func:`screening_error_bound`, at least 1e-4. ``kernels``: ``"best"`` (what the CPU
+    has, :func:`kernel_set`), ``"avx2"`` (AVX2 at most) or ``"portable"`` (tests, benchmarks). None where
+    :func:`screening_applies` is false: the caller screens in torch.
     """
     if not screening_applies(w, bits, norm, scale_dtype):
         return None
@@ -175,7 +177,7 @@ def screen_candidates(w: torch.Tensor, p: torch.Tensor, bits: int, sym: bool, sc
     rng = torch.empty(m, 3, dtype=torch.float32)
     stats = (ctypes.c_int64 * 4)()
     rc = lib.moeq_clip_screen(w.data_ptr(), m, g, p.data_ptr(), p.numel(), bits, int(sym), _SCALE_KINDS[scale_dtype],
-                              norm, max(2 * bound, 1e-4), alpha, torch.get_num_threads(), int(portable),
+                              norm, max(2 * bound, 1e-4), alpha, torch.get_num_threads(), _ISA[kernels],
                               cand.data_ptr(), best.data_ptr(), rng.data_ptr(), stats)
     if rc:
         raise RuntimeError(f"moeq_clip_screen rejected its arguments (m={m}, g={g}, C={p.numel()}, bits={bits})")
@@ -222,21 +224,22 @@ def rtn_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
 
 
 def kernel_set() -> str | None:
-    """The screening's kernels on this CPU: ``"avx512"`` or ``"portable"`` (GNU C vectors); None without the
-    library. ``benchmarks/results/rtn_speed.md`` (AVX-512) and ``rtn_speed_portable.md`` (a CPU without it)
-    give the per-layer times of each, measured on different machines."""
+    """The screening's kernels on this CPU: ``"avx512"``, ``"avx2"`` (AVX2 + FMA) or ``"portable"`` (GNU C
+    vectors); None without the library. ``benchmarks/results/rtn_speed.md`` (a CPU with AVX-512) and
+    ``rtn_speed_avx2.md`` (one without it: AVX2 and portable rows) give per-layer times."""
     lib = load()
     if lib is None:
         return None
-    return "avx512" if lib.moeq_clip_kernels() else "portable"
+    return {2: "avx512", 1: "avx2", 0: "portable"}[lib.moeq_clip_kernels()]
 
 
-def pow_approx(x: torch.Tensor, norm: float, portable: bool = False) -> torch.Tensor:
-    """``|x| ** norm`` through the estimates' polynomial power (tests of its bound); ``x`` float32 CPU."""
+def pow_approx(x: torch.Tensor, norm: float, kernels: str = "best") -> torch.Tensor:
+    """``|x| ** norm`` through the estimates' polynomial power of one kernel set (as in
+    :func:`screen_candidates`; tests of its bound); ``x`` float32 CPU."""
     lib = load()
     if lib is None:
         raise RuntimeError("the native clip screening library is not available")
     x = x.to(torch.float32).contiguous()
     out = torch.empty_like(x)
-    lib.moeq_pow_approx(x.data_ptr(), x.numel(), norm, int(portable), out.data_ptr())
+    lib.moeq_pow_approx(x.data_ptr(), x.numel(), norm, _ISA[kernels], out.data_ptr())
     return out

@@ -1,8 +1,9 @@
 """The C screening of the clip search and the C RTN codes (moeq/quantizers/clip_native.py, native/*.c).
 
 The screening may only drop ratios that provably cannot hold a group's first minimum, so the end result
-must equal the dense search bit for bit: that is tested on adversarial groups with both kernel sets (AVX-512
-where the CPU has it, and the portable GNU C vectors). The bounds rest on the power's error, which is
+must equal the dense search bit for bit: that is tested on adversarial groups with every kernel set the CPU
+can run (AVX-512, AVX2 + FMA, the portable GNU C vectors; "best" and "avx2" are the same set on a CPU without
+AVX-512, "avx2" is the portable set on one without AVX2). The bounds rest on the power's error, which is
 measured here against float64; the codes must equal ``moeq_kernels.packing`` bit for bit.
 """
 
@@ -19,6 +20,8 @@ from test_rtn import _adversarial_groups, _brute_force_params  # same folder (py
 from moeq.config import WeightSpec
 from moeq.quantizers import clip_native, rtn
 from moeq_kernels.packing import pack, quantize_with_params
+
+KERNELS = ["best", "avx2", "portable"]  # clip_native.screen_candidates' kernel sets
 
 
 @pytest.fixture(autouse=True)
@@ -37,42 +40,42 @@ def _float_sample(n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(rng.integers(lo, hi, n, dtype=np.int32).view(np.float32))
 
 
-@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("norm", [1.0, 2.0, 2.4, 3.0])
-def test_power_error_within_the_bound_the_screening_assumes(portable, norm):
+def test_power_error_within_the_bound_the_screening_assumes(kernels, norm):
     # the bounds take |d|^norm to within _POW_REL_ERR (relative) where the result is a normal float
-    x = _float_sample(1 << 20, seed=int(norm * 10) + portable)
-    out = clip_native.pow_approx(x, norm, portable).double()
+    x = _float_sample(1 << 20, seed=int(norm * 10) + KERNELS.index(kernels))
+    out = clip_native.pow_approx(x, norm, kernels).double()
     ref = x.double() ** norm
     ok = (ref > 2.0**-120) & (ref < 2.0**127)
     rel = (out[ok] / ref[ok] - 1).abs().max().item()
     assert rel <= clip_native._POW_REL_ERR, rel
     # zero gives zero (padding lanes and exact residuals add nothing); results below 2^-126 stay tiny
-    tiny = clip_native.pow_approx(torch.tensor([0.0, 1e-40, 1e-45]), norm, portable)
+    tiny = clip_native.pow_approx(torch.tensor([0.0, 1e-40, 1e-45]), norm, kernels)
     assert tiny[0] == 0 and (tiny <= 2.0**-125).all()
 
 
-def _group_params_with(portable: bool, *args, **kwargs):
+def _group_params_with(kernels: str, *args, **kwargs):
     """group_params with the C screening forced to one kernel set."""
     orig = clip_native.screen_candidates
-    clip_native.screen_candidates = functools.partial(orig, portable=portable)
+    clip_native.screen_candidates = functools.partial(orig, kernels=kernels)
     try:
         return rtn.group_params(*args, **kwargs)
     finally:
         clip_native.screen_candidates = orig
 
 
-@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("g", [32, 128, 40])
 @pytest.mark.parametrize("bits,sym", [(2, True), (3, False), (4, True), (4, False), (8, True), (8, False)])
-def test_both_kernel_sets_equal_the_dense_search(portable, g, bits, sym):
+def test_every_kernel_set_equals_the_dense_search(kernels, g, bits, sym):
     # ties, zero errors (on-grid groups), underflowing terms, constant and one-signed groups: every drop
     # must be provable, so the chosen scales/zeros are the dense search's bit for bit
     w = _adversarial_groups(g)
     spec = WeightSpec(bits, g, sym)
     for scale_dtype, norm in ((torch.float16, 2.4), (torch.bfloat16, 2.4), (torch.bfloat16, 2.0),
                               (torch.float16, 3.0), (torch.bfloat16, 1.5)):  # 1.5: no moment bounds
-        s, z = _group_params_with(portable, w, spec, scale_dtype, norm=norm)
+        s, z = _group_params_with(kernels, w, spec, scale_dtype, norm=norm)
         rs, rz = _brute_force_params(w, spec, scale_dtype, norm)
         assert torch.equal(s.view(torch.int16), rs.view(torch.int16)), (scale_dtype, norm)
         assert (z is None and rz is None) or torch.equal(z, rz), (scale_dtype, norm)

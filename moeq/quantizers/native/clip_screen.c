@@ -29,8 +29,9 @@
  * layer at W4 g128: ~26 ratios per group get moments, ~9 are estimated, of 80.
  *
  * No torch headers: moeq compiles this with the system C compiler on first use (clip_native.py) and calls
- * it through ctypes on tensors' data pointers. Two kernel sets: portable GNU C vectors, and AVX-512
- * intrinsics (getexp/getmant/scalef: ~26 instead of ~45 vector ops per |d|^norm) picked at run time.
+ * it through ctypes on tensors' data pointers. Three kernel sets, picked at run time: AVX-512 intrinsics
+ * (getexp/getmant/scalef: ~26 instead of ~45 vector ops per |d|^norm), AVX2 + FMA intrinsics (the portable
+ * polynomials on two 8-lane halves; x86-64 CPUs without AVX-512), and portable GNU C vectors.
  */
 #include <stdlib.h>
 
@@ -48,7 +49,7 @@ typedef struct {
     int64_t m, g;
     const float *p;      /* [nc] ratios */
     int64_t nc;
-    int bits, sym, scale_kind, avx512, decreasing;  /* decreasing: p[c + 1] < p[c] for every c */
+    int bits, sym, scale_kind, isa, decreasing;  /* isa: kernel_isa's set; decreasing: p[c + 1] < p[c] */
     float norm;
     double tau, alpha;
     uint8_t *cand;       /* [m, nc] out: 1 = candidate */
@@ -146,6 +147,55 @@ AVX512 INLINE float powsum_avx512(const float *buf, int64_t nv, ratio_t rt, floa
 }
 #endif
 
+/* ---------------------------------------------------------------- AVX2 + FMA kernels (16 lanes as two halves) */
+#ifdef HAVE_X86
+AVX2 INLINE __m256 resid_avx2(__m256 x, __m256 s, __m256 r, __m256 lo, __m256 hi) {
+    __m256 q = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(x, r)));
+    q = _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_fmsub_ps(q, s, x));  /* c s exact: one rounding */
+}
+
+/* the 16-lane tree of hsum over (lanes 0-7, lanes 8-15) */
+AVX2 INLINE float hsum_avx2(__m256 a0, __m256 a1) {
+    const __m256 t = _mm256_add_ps(a0, a1);                                          /* i + (i + 8) */
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)); /* + 4 */
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+AVX2 INLINE void moments_avx2(const float *buf, int64_t nv, ratio_t rt, float *s1, float *s2) {
+    const __m256 s = _mm256_set1_ps(rt.s), r = _mm256_set1_ps(rt.r);
+    const __m256 lo = _mm256_set1_ps(rt.lo), hi = _mm256_set1_ps(rt.hi);
+    __m256 a1[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, a2[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t v = 0; v < nv; v++) {
+        for (int k = 0; k < 2; k++) {
+            const __m256 d = resid_avx2(_mm256_load_ps(buf + v * VW + 8 * k), s, r, lo, hi);
+            a1[k] = _mm256_add_ps(a1[k], d);
+            a2[k] = _mm256_fmadd_ps(d, d, a2[k]);
+        }
+    }
+    *s1 = hsum_avx2(a1[0], a1[1]);
+    *s2 = hsum_avx2(a2[0], a2[1]);
+}
+
+AVX2 INLINE float powsum_avx2(const float *buf, int64_t nv, ratio_t rt, float norm, double thr, int64_t *vectors) {
+    const __m256 s = _mm256_set1_ps(rt.s), r = _mm256_set1_ps(rt.r);
+    const __m256 lo = _mm256_set1_ps(rt.lo), hi = _mm256_set1_ps(rt.hi), nv8 = _mm256_set1_ps(norm);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t v = 0; v < nv; v++) {
+        for (int k = 0; k < 2; k++) {
+            const __m256 d = resid_avx2(_mm256_load_ps(buf + v * VW + 8 * k), s, r, lo, hi);
+            acc[k] = _mm256_add_ps(acc[k], pow_avx2(d, nv8));
+        }
+        if ((v & 3) == 3 && v + 1 < nv && (double)hsum_avx2(acc[0], acc[1]) > thr) {
+            *vectors += v + 1;
+            return INFINITY;
+        }
+    }
+    *vectors += nv;
+    return hsum_avx2(acc[0], acc[1]);
+}
+#endif
+
 /* ---------------------------------------------------------------- per-group search (one copy per ISA) */
 
 /* round float32 scales to the scale dtype, to nearest even (bf16: 8 significant bits; fp16: 11, for
@@ -236,6 +286,16 @@ static void scratch_free(scratch_t *sc) {
 #define LOG2V log2v_avx512
 #define EXP2V exp2v_avx512
 #include "clip_screen_rows.h"
+#define SCREEN_ROWS screen_rows_avx2
+#define MOMENT_BOUNDS moment_bounds_avx2
+#define ATTR AVX2
+#define MOMENTS moments_avx2
+#define POWSUM powsum_avx2
+#define RATIO_PARAMS ratio_params_avx2
+#define POWV powv_avx2
+#define LOG2V log2v_avx2
+#define EXP2V exp2v_avx2
+#include "clip_screen_rows.h"
 #endif
 
 static void *screen_thread(void *arg) {
@@ -245,7 +305,8 @@ static void *screen_thread(void *arg) {
         j->failed = 1;
     } else {
 #ifdef HAVE_X86
-        if (j->avx512) screen_rows_avx512(j, &sc);
+        if (j->isa == 2) screen_rows_avx512(j, &sc);
+        else if (j->isa == 1) screen_rows_avx2(j, &sc);
         else
 #endif
             screen_rows_generic(j, &sc);
@@ -258,7 +319,7 @@ static void *screen_thread(void *arg) {
  * else -1), range [m, 3] (max |w|, min(min w, 0), max(max w, 0): exact, the inputs of the scales). stats
  * [4]: ratios whose moments were taken, ratios estimated, 16-wide vectors estimated, groups with
  * non-finite weights.
- * isa: 0 = best available, 1 = portable kernels only (tests). Splits the groups over nthreads POSIX
+ * isa: 0 = best available, 1 = portable kernels only, 2 = AVX2 at most (tests). Splits the groups over nthreads POSIX
  * threads. Returns 0, -1 on bad arguments, -2 when memory for the scratch could not be allocated. */
 int moeq_clip_screen(const float *w, int64_t m, int64_t g, const float *p, int64_t nc, int bits, int sym,
                      int scale_kind, float norm, double tau, double alpha, int nthreads, int isa,
@@ -267,14 +328,14 @@ int moeq_clip_screen(const float *w, int64_t m, int64_t g, const float *p, int64
         sym > 1 || !(tau > 0.0 && tau < 0.5) || !(alpha >= 0.0) || !(norm >= 1.0f && norm <= 8.0f))
         return -1;
     nthreads = clamp_threads(nthreads, m);
-    const int avx = use_avx512(isa);
+    const int kset = kernel_isa(isa);
     int decreasing = 1;
     for (int64_t c = 0; c + 1 < nc; c++) decreasing &= p[c + 1] < p[c];
     job_t jobs[MAX_THREADS];
     const int64_t per = (m + nthreads - 1) / nthreads;
     for (int t = 0; t < nthreads; t++) {
         const int64_t r0 = t * per < m ? t * per : m, r1 = r0 + per < m ? r0 + per : m;
-        jobs[t] = (job_t){w + r0 * g, r1 - r0, g, p, nc, bits, sym, scale_kind, avx, decreasing, norm, tau, alpha,
+        jobs[t] = (job_t){w + r0 * g, r1 - r0, g, p, nc, bits, sym, scale_kind, kset, decreasing, norm, tau, alpha,
                           cand + r0 * nc, best + r0, range + 3 * r0, {0, 0, 0, 0}, 0};
     }
     run_jobs(jobs, sizeof jobs[0], nthreads, screen_thread);
@@ -300,14 +361,30 @@ AVX512 static void pow_avx512_array(const float *x, int64_t n, float norm, float
 }
 #endif
 
+#ifdef HAVE_X86
+AVX2 static void pow_avx2_array(const float *x, int64_t n, float norm, float *out) {
+    const __m256 nv = _mm256_set1_ps(norm);
+    for (int64_t i = 0; i < n; i += 8) {
+        float t[8] = {0};
+        const int64_t k = n - i < 8 ? n - i : 8;
+        memcpy(t, x + i, (size_t)k * sizeof(float));
+        const __m256 v = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_loadu_ps(t));
+        _mm256_storeu_ps(t, pow_avx2(v, nv));
+        memcpy(out + i, t, (size_t)k * sizeof(float));
+    }
+}
+#endif
+
 int moeq_pow_approx(const float *x, int64_t n, float norm, int isa, float *out) {
 #ifdef HAVE_X86
-    if (use_avx512(isa)) { pow_avx512_array(x, n, norm, out); return 0; }
+    const int kset = kernel_isa(isa);
+    if (kset == 2) { pow_avx512_array(x, n, norm, out); return 0; }
+    if (kset == 1) { pow_avx2_array(x, n, norm, out); return 0; }
 #endif
     memcpy(out, x, (size_t)n * sizeof(float));
     pow_array(out, n, norm);
     return 0;
 }
 
-/* the kernel set moeq_clip_screen picks with isa 0: 1 = AVX-512, 0 = portable (recorded by benchmarks) */
-int moeq_clip_kernels(void) { return use_avx512(0); }
+/* the kernel set moeq_clip_screen picks with isa 0 (kernel_isa: 2 AVX-512, 1 AVX2, 0 portable) */
+int moeq_clip_kernels(void) { return kernel_isa(0); }

@@ -15,6 +15,7 @@
 #define HAVE_X86 1
 #include <immintrin.h>
 #define AVX512 __attribute__((target("avx512f,avx512dq,fma")))
+#define AVX2 __attribute__((target("avx2,fma")))
 #endif
 
 #define VW 16
@@ -44,7 +45,7 @@ INLINE vf sel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b
  * set and a conditional move per lane), while a 4-lane one is one packed compare on every target. Measured
  * on a 2-core AMD EPYC without AVX-512 (GCC 12.2, -O3): the portable screening spent 53% of its time in
  * those scalar lanes; a Qwen3-30B-A3B-shaped layer's RTN took 54 s on 2 threads with 16-lane comparisons,
- * 16-lane splats and the lane-by-lane sum (benchmarks/results/rtn_speed_portable.md: with these pieces). */
+ * 16-lane splats and the lane-by-lane sum (benchmarks/results/rtn_speed_avx2.md, portable row: with these pieces). */
 #define CMP_PIECES(name, T, T4, op)                                         \
     INLINE vi name(T a, T b) {                                              \
         T4 x[VW / 4], y[VW / 4];                                            \
@@ -188,15 +189,84 @@ AVX512 INLINE vf exp2v_avx512(vf y) { return (vf)exp2_avx512(_mm512_max_ps((__m5
 
 #endif
 
-/* AVX-512 kernels where the CPU has them and isa is not 1 (1: the portable kernels, for tests) */
-static inline int use_avx512(int isa) {
+/* ---------------------------------------------------------------- AVX2 + FMA (8 lanes; x86-64 without AVX-512) */
+#ifdef HAVE_X86
+
+/* log2 a for a >= 2^-126: log2_generic's reduction and polynomial, with FMA */
+AVX2 INLINE __m256 log2_avx2(__m256 a) {
+    const __m256i ib = _mm256_castps_si256(a);
+    __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(ib, 23), _mm256_set1_epi32(127));  /* a >= 0: no sign bit */
+    __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(ib, _mm256_set1_epi32(0x007fffff)),
+                                                   _mm256_set1_epi32(0x3f800000)));  /* [1, 2) */
+    const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356f), _CMP_GT_OQ);
+    m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);             /* [sqrt(1/2), sqrt(2)) */
+    e = _mm256_sub_epi32(e, _mm256_castps_si256(big));                               /* +1 where halved */
+    const __m256 t = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
+    __m256 l = _mm256_set1_ps(-0.205298290f);                                        /* log2(1 + t) / t */
+    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(0.322085500f));
+    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(-0.367703974f));
+    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(0.479324371f));
+    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(-0.721122563f));
+    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(1.44271576f));
+    return _mm256_fmadd_ps(l, t, _mm256_cvtepi32_ps(e));
+}
+
+/* 2^y, y clamped to [-126, 127]: exp2_generic's polynomial, with FMA */
+AVX2 INLINE __m256 exp2_avx2(__m256 y) {
+    const __m256 yc = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-126.0f), y));
+    const __m256 n = _mm256_round_ps(yc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(yc, n);  /* [-1/2, 1/2], exact */
+    __m256 q = _mm256_set1_ps(0.00956051052f);
+    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.0559170395f));
+    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.240249813f));
+    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.693121970f));
+    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.999999166f));
+    const __m256i p2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(q, _mm256_castsi256_ps(p2));
+}
+
+/* |a|^norm for a >= 0 (sign cleared), as pow_generic: 0 for a < 2^-126, inf above 2^127 */
+AVX2 INLINE __m256 pow_avx2(__m256 a, __m256 norm) {
+    const __m256 y = _mm256_mul_ps(norm, log2_avx2(a));
+    const __m256 tiny = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), _mm256_castps_si256(a)));
+    const __m256 r = _mm256_andnot_ps(tiny, exp2_avx2(y));
+    return _mm256_blendv_ps(r, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(y, _mm256_set1_ps(127.0f), _CMP_GT_OQ));
+}
+
+/* the same on 16-lane GNU C vectors (two halves), for the ISA-generic code of clip_screen_rows.h */
+#define AVX2_HALVES(name, body)                                 \
+    AVX2 INLINE vf name(vf a, float norm) {                     \
+        __m256 h[2];                                            \
+        (void)norm;                                             \
+        memcpy(h, &a, sizeof h);                                \
+        for (int k = 0; k < 2; k++) h[k] = body;                \
+        memcpy(&a, h, sizeof a);                                \
+        return a;                                               \
+    }
+AVX2_HALVES(powv_avx2_n, pow_avx2(h[k], _mm256_set1_ps(norm)))
+AVX2_HALVES(log2v_avx2_n, log2_avx2(h[k]))
+AVX2_HALVES(exp2v_avx2_n, exp2_avx2(h[k]))
+#undef AVX2_HALVES
+AVX2 INLINE vf powv_avx2(vf a, float norm) { return powv_avx2_n(a, norm); }
+AVX2 INLINE vf log2v_avx2(vf a) { return log2v_avx2_n(a, 0.0f); }
+AVX2 INLINE vf exp2v_avx2(vf y) { return exp2v_avx2_n(y, 0.0f); }
+
+#endif
+
+/* Kernel sets: 2 = AVX-512, 1 = AVX2 + FMA, 0 = portable. isa: 0 = the best the CPU has, 1 = portable only,
+ * 2 = AVX2 at most (1 and 2 for tests) */
+static inline int kernel_isa(int isa) {
 #ifdef HAVE_X86
     if (isa == 1) return 0;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+    if (isa != 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return 2;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 #else
     (void)isa;
     return 0;
 #endif
 }
+
+/* AVX-512 kernels where the CPU has them and isa is 0 (rtn_codes.c: AVX-512 or portable) */
+static inline int use_avx512(int isa) { return kernel_isa(isa) == 2; }
 
 #endif
