@@ -4,8 +4,9 @@ The MSE clip search (:func:`moeq.quantizers.rtn._best_params`) picks, per group,
 smallest exact error; only a few ratios per group can hold that minimum and only those need exact errors.
 Finding them ("screening") is what dominates RTN's time: ~25 ratios x 128 weights of ``|d| ** norm`` per
 group. ``clip_screen.c`` does it per group in registers with a polynomial ``|d| ** norm`` of bounded error,
-so that RTN of a Qwen3-30B-A3B-shaped layer takes 5.5 s instead of 85 s with the torch screening on this
-project's 2-core machine (``benchmarks/results/rtn_speed.md``). The exact errors
+so that RTN of a Qwen3-30B-A3B-shaped layer takes 5.5 s instead of 85 s with the torch screening on a 2-core
+machine with AVX-512 (``benchmarks/results/rtn_speed.md``), 11-14 s instead of 64 s on one with AVX2 only
+(``rtn_speed_avx2.md``). The exact errors
 and the final choice stay in torch, so results are bit-identical either way; where no C compiler is found
 (or ``MOEQ_NATIVE_CLIP=0``) the torch screening runs instead, with the same results, and a warning says so.
 
