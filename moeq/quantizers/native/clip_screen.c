@@ -380,6 +380,8 @@ int moeq_pow_approx(const float *x, int64_t n, float norm, int isa, float *out) 
     const int kset = kernel_isa(isa);
     if (kset == 2) { pow_avx512_array(x, n, norm, out); return 0; }
     if (kset == 1) { pow_avx2_array(x, n, norm, out); return 0; }
+#else
+    (void)isa;
 #endif
     memcpy(out, x, (size_t)n * sizeof(float));
     pow_array(out, n, norm);
