@@ -134,7 +134,7 @@ int moeq_rtn_codes(const float *w, int64_t m, int64_t g, const float *s, const f
                    int nthreads, uint8_t *out, double *sums) {
     if (m < 0 || g <= 0 || bits < 1 || bits > 8 || (packed && (8 % bits || (g * bits) % 32))) return -1;
     nthreads = clamp_threads(nthreads, m);
-    const int avx = use_avx512(0);
+    const int avx = kernel_isa(0) == 2;  /* AVX-512, else the portable code (no AVX2 variant) */
     const int64_t per = (m + nthreads - 1) / nthreads, row_bytes = packed ? g * bits / 8 : g;
     codes_job_t jobs[MAX_THREADS];
     for (int t = 0; t < nthreads; t++) {

@@ -1,5 +1,5 @@
 /* Vector helpers shared by moeq's CPU kernels (clip_screen.c, rtn_codes.c): 16-wide GNU C vectors and,
- * on x86-64, AVX-512 versions of log2 / 2^y / |a|^norm picked at run time (use_avx512).
+ * on x86-64, AVX-512 and AVX2 versions of log2 / 2^y / |a|^norm picked at run time (kernel_isa).
  *
  * Accuracy (least-squares fits; the whole |a|^norm measured in tests/moeq/test_clip_native.py): log2
  * <= 3e-6 absolute, 2^y <= 2.7e-6 relative, |a|^norm <= 1.6e-5 relative where the result is in
@@ -46,43 +46,32 @@ INLINE vf sel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b
  * on a 2-core AMD EPYC without AVX-512 (GCC 12.2, -O3): the portable screening spent 53% of its time in
  * those scalar lanes; a Qwen3-30B-A3B-shaped layer's RTN took 54 s on 2 threads with 16-lane comparisons,
  * 16-lane splats and the lane-by-lane sum (benchmarks/results/rtn_speed_avx2.md, portable row: with these pieces). */
-#define CMP_PIECES(name, T, T4, op)                                         \
-    INLINE vi name(T a, T b) {                                              \
-        T4 x[VW / 4], y[VW / 4];                                            \
-        vi4 r[VW / 4];                                                      \
-        vi out;                                                             \
+#define PIECEWISE(name, R, T, P, RP, expr)                                  \
+    INLINE R name(T a, T b) {                                               \
+        P x[VW / 4], y[VW / 4];                                             \
+        RP r[VW / 4];                                                       \
+        R out;                                                              \
         memcpy(x, &a, sizeof x);                                            \
         memcpy(y, &b, sizeof y);                                            \
-        for (int k = 0; k < VW / 4; k++) r[k] = (vi4)(x[k] op y[k]);        \
+        for (int k = 0; k < VW / 4; k++) r[k] = (expr);                     \
         memcpy(&out, r, sizeof out);                                        \
         return out;                                                         \
     }
-CMP_PIECES(vlt, vf, vf4, <)
-CMP_PIECES(vgt, vf, vf4, >)
-CMP_PIECES(veq, vf, vf4, ==)
-CMP_PIECES(vilt, vi, vi4, <)
-#undef CMP_PIECES
+PIECEWISE(vlt, vi, vf, vf4, vi4, (vi4)(x[k] < y[k]))
+PIECEWISE(vgt, vi, vf, vf4, vi4, (vi4)(x[k] > y[k]))
+PIECEWISE(veq, vi, vf, vf4, vi4, (vi4)(x[k] == y[k]))
+PIECEWISE(vilt, vi, vi, vi4, vi4, x[k] < y[k])
 
 /* a > b ? a : b and a < b ? a : b lane by lane (b where either is NaN); on x86-64 SSE's maxps/minps are exactly
  * these, one instruction per 4 lanes instead of a compare and three logic operations */
 #ifdef HAVE_X86
-#define MINMAX_PIECES(name, op)                                                            \
-    INLINE vf name(vf a, vf b) {                                                           \
-        __m128 x[VW / 4], y[VW / 4];                                                       \
-        vf out;                                                                            \
-        memcpy(x, &a, sizeof x);                                                           \
-        memcpy(y, &b, sizeof y);                                                           \
-        for (int k = 0; k < VW / 4; k++) x[k] = op(x[k], y[k]);                            \
-        memcpy(&out, x, sizeof out);                                                       \
-        return out;                                                                        \
-    }
-MINMAX_PIECES(vmax, _mm_max_ps)
-MINMAX_PIECES(vmin, _mm_min_ps)
-#undef MINMAX_PIECES
+PIECEWISE(vmax, vf, vf, __m128, __m128, _mm_max_ps(x[k], y[k]))
+PIECEWISE(vmin, vf, vf, __m128, __m128, _mm_min_ps(x[k], y[k]))
 #else
 INLINE vf vmax(vf a, vf b) { return sel(vgt(a, b), a, b); }
 INLINE vf vmin(vf a, vf b) { return sel(vlt(a, b), a, b); }
 #endif
+#undef PIECEWISE
 
 /* sum of the 16 lanes as a tree (lane i + lane i + 8, then + 4, + 2, + 1), the first two levels on 4-lane
  * pieces (through memory lane by lane it was 10% of the portable screening) */
@@ -93,6 +82,13 @@ INLINE float hsum(vf a) {
     return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
+/* The polynomials of the portable and AVX2 sets (one pair, so both have the error bounds measured in
+ * clip_native.py), highest degree first: log2(1 + t) / t on t in [sqrt(1/2) - 1, sqrt(2) - 1), and 2^f on
+ * f in [-1/2, 1/2] */
+static const float LOG2_POLY[6] = {-0.205298290f, 0.322085500f, -0.367703974f, 0.479324371f, -0.721122563f,
+                                   1.44271576f};
+static const float EXP2_POLY[5] = {0.00956051052f, 0.0559170395f, 0.240249813f, 0.693121970f, 0.999999166f};
+
 /* log2 a for a >= 2^-126 (absolute error <= 3e-6: least-squares degree-6 polynomial on [sqrt(1/2), sqrt(2))) */
 INLINE vf log2_generic(vf a) {
     const vi ib = (vi)a;
@@ -102,12 +98,8 @@ INLINE vf log2_generic(vf a) {
     m = sel(big, m * 0.5f, m);                          /* [sqrt(1/2), sqrt(2)) */
     e = e - big;                                        /* big is -1 where halved */
     const vf t = m - 1.0f;
-    vf l = splat(-0.205298290f);                        /* log2(1 + t) / t */
-    l = l * t + 0.322085500f;
-    l = l * t - 0.367703974f;
-    l = l * t + 0.479324371f;
-    l = l * t - 0.721122563f;
-    l = l * t + 1.44271576f;
+    vf l = splat(LOG2_POLY[0]);                         /* log2(1 + t) / t */
+    for (int i = 1; i < 6; i++) l = l * t + LOG2_POLY[i];
     return __builtin_convertvector(e, vf) + l * t;
 }
 
@@ -116,11 +108,8 @@ INLINE vf exp2_generic(vf y) {
     const vf yc = vmin(splat(127.0f), vmax(splat(-126.0f), y));
     const vf n = (yc + 12582912.0f) - 12582912.0f;      /* round to nearest: 1.5 * 2^23 */
     const vf f = yc - n;                                /* [-1/2, 1/2], exact */
-    vf q = splat(0.00956051052f);
-    q = q * f + 0.0559170395f;
-    q = q * f + 0.240249813f;
-    q = q * f + 0.693121970f;
-    q = q * f + 0.999999166f;
+    vf q = splat(EXP2_POLY[0]);
+    for (int i = 1; i < 5; i++) q = q * f + EXP2_POLY[i];
     return q * (vf)((__builtin_convertvector(n, vi) + 127) << 23);
 }
 
@@ -202,12 +191,8 @@ AVX2 INLINE __m256 log2_avx2(__m256 a) {
     m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);             /* [sqrt(1/2), sqrt(2)) */
     e = _mm256_sub_epi32(e, _mm256_castps_si256(big));                               /* +1 where halved */
     const __m256 t = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
-    __m256 l = _mm256_set1_ps(-0.205298290f);                                        /* log2(1 + t) / t */
-    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(0.322085500f));
-    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(-0.367703974f));
-    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(0.479324371f));
-    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(-0.721122563f));
-    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(1.44271576f));
+    __m256 l = _mm256_set1_ps(LOG2_POLY[0]);                                         /* log2(1 + t) / t */
+    for (int i = 1; i < 6; i++) l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(LOG2_POLY[i]));
     return _mm256_fmadd_ps(l, t, _mm256_cvtepi32_ps(e));
 }
 
@@ -216,11 +201,8 @@ AVX2 INLINE __m256 exp2_avx2(__m256 y) {
     const __m256 yc = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-126.0f), y));
     const __m256 n = _mm256_round_ps(yc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(yc, n);  /* [-1/2, 1/2], exact */
-    __m256 q = _mm256_set1_ps(0.00956051052f);
-    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.0559170395f));
-    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.240249813f));
-    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.693121970f));
-    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0.999999166f));
+    __m256 q = _mm256_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 5; i++) q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(EXP2_POLY[i]));
     const __m256i p2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(q, _mm256_castsi256_ps(p2));
 }
@@ -234,22 +216,18 @@ AVX2 INLINE __m256 pow_avx2(__m256 a, __m256 norm) {
 }
 
 /* the same on 16-lane GNU C vectors (two halves), for the ISA-generic code of clip_screen_rows.h */
-#define AVX2_HALVES(name, body)                                 \
-    AVX2 INLINE vf name(vf a, float norm) {                     \
+#define AVX2_HALVES(name, params, expr)                         \
+    AVX2 INLINE vf name params {                                \
         __m256 h[2];                                            \
-        (void)norm;                                             \
         memcpy(h, &a, sizeof h);                                \
-        for (int k = 0; k < 2; k++) h[k] = body;                \
+        for (int k = 0; k < 2; k++) h[k] = (expr);              \
         memcpy(&a, h, sizeof a);                                \
         return a;                                               \
     }
-AVX2_HALVES(powv_avx2_n, pow_avx2(h[k], _mm256_set1_ps(norm)))
-AVX2_HALVES(log2v_avx2_n, log2_avx2(h[k]))
-AVX2_HALVES(exp2v_avx2_n, exp2_avx2(h[k]))
+AVX2_HALVES(powv_avx2, (vf a, float norm), pow_avx2(h[k], _mm256_set1_ps(norm)))
+AVX2_HALVES(log2v_avx2, (vf a), log2_avx2(h[k]))
+AVX2_HALVES(exp2v_avx2, (vf a), exp2_avx2(h[k]))
 #undef AVX2_HALVES
-AVX2 INLINE vf powv_avx2(vf a, float norm) { return powv_avx2_n(a, norm); }
-AVX2 INLINE vf log2v_avx2(vf a) { return log2v_avx2_n(a, 0.0f); }
-AVX2 INLINE vf exp2v_avx2(vf y) { return exp2v_avx2_n(y, 0.0f); }
 
 #endif
 
@@ -265,8 +243,5 @@ static inline int kernel_isa(int isa) {
     return 0;
 #endif
 }
-
-/* AVX-512 kernels where the CPU has them and isa is 0 (rtn_codes.c: AVX-512 or portable) */
-static inline int use_avx512(int isa) { return kernel_isa(isa) == 2; }
 
 #endif
