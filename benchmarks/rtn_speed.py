@@ -66,10 +66,11 @@ def quantize(mod: Experts, w_clip: bool) -> tuple[float, object]:
 
 
 @contextlib.contextmanager
-def kernel_set_forced(kernels: str):
-    """Within the block the C screening runs ``kernels`` (clip_native.screen_candidates' argument)."""
+def kernel_set_forced(kernels: str, estimates: str = "auto"):
+    """Within the block the C screening runs ``kernels`` and ``estimates`` (clip_native.screen_candidates'
+    arguments)."""
     orig = clip_native.screen_candidates
-    clip_native.screen_candidates = functools.partial(orig, kernels=kernels)
+    clip_native.screen_candidates = functools.partial(orig, kernels=kernels, estimates=estimates)
     try:
         yield
     finally:
@@ -105,13 +106,15 @@ def main() -> None:
     kset = clip_native.kernel_set()  # read while the library is on (the torch rows turn it off)
     for threads in a.threads:
         torch.set_num_threads(threads)
-        settings = [(f"C screening ({kset})", True, full, True, "best")]
+        settings = [(f"C screening ({kset})", True, full, True, "best", "auto"),
+                    (f"C screening ({kset}, power estimates only)", True, full, True, "best", "power")]
         if kset != "portable":  # what a CPU without AVX2/AVX-512 (or not x86) runs
-            settings.append(("C screening (portable kernels)", True, full, True, "portable"))
-        settings += [("no clip search", True, full, False, "best"), ("torch screening", False, small, True, "best")]
-        for label, native, mod, w_clip, kernels in settings:
+            settings.append(("C screening (portable kernels)", True, full, True, "portable", "auto"))
+        settings += [("no clip search", True, full, False, "best", "auto"),
+                     ("torch screening", False, small, True, "best", "auto")]
+        for label, native, mod, w_clip, kernels, estimates in settings:
             set_screening(native)
-            with kernel_set_forced(kernels):
+            with kernel_set_forced(kernels, estimates):
                 times = [quantize(mod, w_clip)[0] for _ in range(a.repeats)]
             scale = 128 / mod.gate_up_proj.shape[0]
             raw[f"{label}, {threads} threads"] = times

@@ -5,7 +5,7 @@ smallest exact error; only a few ratios per group can hold that minimum and only
 Finding them ("screening") is what dominates RTN's time: ~25 ratios x 128 weights of ``|d| ** norm`` per
 group. ``clip_screen.c`` does it per group in registers with a polynomial ``|d| ** norm`` of bounded error,
 so that RTN of a Qwen3-30B-A3B-shaped layer takes 5.5 s instead of 85 s with the torch screening on a 2-core
-machine with AVX-512 (``benchmarks/results/rtn_speed.md``), 11-14 s instead of 64 s on one with AVX2 only
+machine with AVX-512 (``benchmarks/results/rtn_speed.md``), 10.0 s (min of 2; 12.5 s with the power estimates only) instead of 76 s on one with AVX2 only
 (``rtn_speed_avx2.md``). The exact errors
 and the final choice stay in torch, so results are bit-identical either way; where no C compiler is found
 (or ``MOEQ_NATIVE_CLIP=0``) the torch screening runs instead, with the same results, and a warning says so.
@@ -120,8 +120,8 @@ def load() -> ctypes.CDLL | None:
         return None
     i64, f32, f64, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_void_p
     cint = ctypes.c_int
-    lib.moeq_clip_screen.argtypes = [ptr, i64, i64, ptr, i64, cint, cint, cint, f32, f64, f64, cint, cint, ptr, ptr,
-                                     ptr, ptr]
+    lib.moeq_clip_screen.argtypes = [ptr, i64, i64, ptr, i64, cint, cint, cint, f32, f64, f64, ptr, f64, cint, cint,
+                                     ptr, ptr, ptr, ptr]
     lib.moeq_clip_screen.restype = ctypes.c_int
     lib.moeq_pow_approx.argtypes = [ptr, i64, f32, cint, ptr]
     lib.moeq_rtn_codes.argtypes = [ptr, i64, i64, ptr, ptr, cint, cint, cint, ptr, ptr]
@@ -153,8 +153,61 @@ def screening_applies(w: torch.Tensor, bits: int, norm: float, scale_dtype: torc
             and screening_error_bound(bits, norm, w.shape[-1]) <= 1e-3 and load() is not None)
 
 
+_POLY_DEG = 7  # clip_screen.c's POLY_DEG
+# the polynomial estimates are used where their error is below this fraction of the mean term of residuals
+# spread uniformly over [0, s/2] (0.5^norm / (norm + 1)): 6.2e-5 at norm 2.4, ~1e-6 at integer norms
+_POLY_MAX_REL = 3e-4
+
+
+@functools.lru_cache(maxsize=16)
+def poly_fit(norm: float) -> tuple[torch.Tensor, float] | None:
+    """``t ** norm`` on ``t`` in ``[0, 1/2]`` as a degree-``_POLY_DEG`` polynomial in ``u = t - 1/4``:
+    ``(coefficients [D + 1] float32, lowest degree first; eps)``, ``eps`` a proven bound on ``|poly(t - 1/4) -
+    t ** norm|`` as the C kernels evaluate it (``u`` rounded, float32 Horner). None where eps is above
+    ``_POLY_MAX_REL`` of the mean term.
+
+    Fit: Lawson's iteratively reweighted least squares (near minimax) on 4001 points, in float64; the basis
+    is centred so that Horner's partial sums do not cancel. Bound: the float32 coefficients' error on
+    2^20 + 1 points, plus a Lipschitz constant of the error (``|f'| + |poly'|``) times half the spacing and
+    times ``u``'s rounding (<= 2^-26), plus Horner's float32 rounding (``2 D + 1`` roundings of terms ``<=
+    sum |a_k| 4^-k``).
+    """
+    d = _POLY_DEG
+    t = torch.linspace(0, 0.5, 4001, dtype=torch.float64)
+    a_mat = torch.stack([(t - 0.25) ** k for k in range(d + 1)], 1)
+    f = t**norm
+    wt = torch.ones_like(t)
+    for _ in range(40):
+        sw = wt.sqrt()
+        a = torch.linalg.lstsq(a_mat * sw[:, None], (f * sw)[:, None]).solution[:, 0]
+        wt = wt * ((a_mat @ a - f).abs() + 1e-300)
+        wt = wt / wt.sum()
+    a32 = a.to(torch.float32)
+    a64 = a32.double()
+    n = 1 << 20
+    grid = torch.linspace(0, 0.5, n + 1, dtype=torch.float64)
+    val = torch.zeros_like(grid)
+    for k in range(d, -1, -1):
+        val = val * (grid - 0.25) + a64[k]
+    fit_err = (val - grid**norm).abs().max().item()
+    k = torch.arange(d + 1, dtype=torch.float64)
+    lipschitz = norm * 0.5 ** (norm - 1) + float((k * a64.abs() * 0.25 ** (k - 1).clamp(min=0)).sum())
+    horner = (2 * d + 1) * 2.0**-24 * float((a64.abs() * 0.25**k).sum()) * 1.01
+    eps = (fit_err + lipschitz * (0.25 / n + 2.0**-26) + horner) * (1 + 1e-4)  # 1e-4: the sum's share of n eps
+    if eps > _POLY_MAX_REL * 0.5**norm / (norm + 1):
+        return None
+    return a32, eps
+
+
+def poly_error_bound(norm: float) -> float:
+    """What the polynomial estimates add to :func:`screening_error_bound` (relative, besides their
+    absolute ``eps`` per lane): the scale's power ``s ** norm`` (``_POW_REL_ERR``), ``t = |d| fl(1/s)``
+    rounded twice (``norm 2^-22``), and the product with the sum."""
+    return _POW_REL_ERR + norm * 2.0**-22 * 1.01 + 2.0**-23
+
+
 def screen_candidates(w: torch.Tensor, p: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype,
-                      norm: float, alpha: float, kernels: str = "best") -> dict | None:
+                      norm: float, alpha: float, kernels: str = "best", estimates: str = "auto") -> dict | None:
     """Candidates of the clip search of groups ``w [M, g]`` (float32, CPU) over ratios ``p [C]`` float32.
 
     Returns ``{"cand": [M, C] bool, "best": [M] int32, "range": [M, 3] float32 or None, "moments": int,
@@ -162,9 +215,11 @@ def screen_candidates(w: torch.Tensor, p: torch.Tensor, bits: int, sym: bool, sc
     provably above group ``m``'s minimum; ``best[m]`` is the only candidate where there is one, else -1;
     ``range[m]`` is ``(max |w|, min(min w, 0), max(max w, 0))``, exact (None if a weight is not finite); the
     counts are ratios bounded by moments, ratios estimated and 16-wide vectors estimated. The estimates'
-    tolerance is twice :func:`screening_error_bound`, at least 1e-4. ``kernels``: ``"best"`` (what the CPU
-    has, :func:`kernel_set`), ``"avx2"`` (AVX2 at most) or ``"portable"`` (tests, benchmarks). None where
-    :func:`screening_applies` is false: the caller screens in torch.
+    tolerance is twice :func:`screening_error_bound` (plus :func:`poly_error_bound` with the polynomial), at
+    least 1e-4. ``kernels``: ``"best"`` (what the CPU has, :func:`kernel_set`), ``"avx2"`` (AVX2 at most) or
+    ``"portable"`` (tests, benchmarks). ``estimates``: ``"auto"`` (the polynomial of :func:`poly_fit` where
+    the norm has one; the AVX-512 set and groups with tiny scales use the power regardless) or ``"power"``
+    (tests, benchmarks). None where :func:`screening_applies` is false: the caller screens in torch.
     """
     if not screening_applies(w, bits, norm, scale_dtype):
         return None
@@ -177,8 +232,12 @@ def screen_candidates(w: torch.Tensor, p: torch.Tensor, bits: int, sym: bool, sc
     best = torch.empty(m, dtype=torch.int32)
     rng = torch.empty(m, 3, dtype=torch.float32)
     stats = (ctypes.c_int64 * 4)()
+    fit = poly_fit(norm) if estimates == "auto" else None
+    if fit is not None:
+        bound += poly_error_bound(norm)
     rc = lib.moeq_clip_screen(w.data_ptr(), m, g, p.data_ptr(), p.numel(), bits, int(sym), _SCALE_KINDS[scale_dtype],
-                              norm, max(2 * bound, 1e-4), alpha, torch.get_num_threads(), _ISA[kernels],
+                              norm, max(2 * bound, 1e-4), alpha, None if fit is None else fit[0].data_ptr(),
+                              0.0 if fit is None else fit[1], torch.get_num_threads(), _ISA[kernels],
                               cand.data_ptr(), best.data_ptr(), rng.data_ptr(), stats)
     if rc:
         raise RuntimeError(f"moeq_clip_screen rejected its arguments (m={m}, g={g}, C={p.numel()}, bits={bits})")

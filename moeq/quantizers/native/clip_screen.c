@@ -10,23 +10,33 @@
  *   2. Moments (norm >= 2): S1 = sum |d|, S2 = sum d^2, a few vector ops per weight, no power. As
  *      log sum |d|^p is convex in p, extrapolating the chord through p = 1 and p = 2 bounds E from below:
  *      E >= LBmom = S2^(norm-1) / S1^(norm-2) (~0.97 E for residuals spread uniformly in [-s/2, s/2]).
- *   3. Estimates Ê of E (a polynomial |d|^norm) with (1 - tau) E - alpha <= Ê <= (1 + tau) E + alpha;
- *      U = min over estimated ratios of (Ê + alpha) / (1 - tau). A running partial Ê above
- *      U (1 + tau) + alpha drops the ratio early (the remaining terms are >= 0).
+ *   3. Estimates Ê of E with (1 - tau) E - a_c <= Ê <= (1 + tau) E + a_c; U = min over estimated ratios of
+ *      (Ê + a_c) / (1 - tau). Two kinds (clip_native.poly_fit decides which a norm gets):
+ *      - polynomial (portable and AVX2 sets): E = s^norm sum t^norm with t = |d| fl(1/s), t^norm a
+ *        degree-POLY_DEG polynomial in t - 1/4 where t <= 1/2 (every weight whose code is inside the range)
+ *        and the power where not (clipped weights: a few per group, one 8-lane branch); a_c = alpha + 16 nv
+ *        eps s^norm with eps the polynomial's proven bound (~3.8e-6 at norm 2.4, against a mean term of
+ *        0.056). ~20 vector ops per 8 weights instead of ~40; used while s^norm >= 2^-119;
+ *      - the power |d|^norm (vec.h's polynomials; a_c = alpha): the AVX-512 set (its power is 26 ops per 16
+ *        weights), norms the polynomial fits loosely (< 2), and scales whose power is not a normal float. A
+ *        running partial Ê above U (1 + tau) + a_c drops the ratio early (the remaining terms are >= 0).
  *   The previous group's best is estimated first (U is tight from the start); the ratios 1 leaves get
  *   their moments (2), and those 2 leaves are estimated in ascending order of their bound, stopping at the
- *   first bound above U. Candidates: estimated ratios with Ê <= U (1 + tau) + alpha.
+ *   first bound above U. Candidates: estimated ratios with Ê <= U (1 + tau) + a_c.
  *
- * Error sources (tau and the bounds' 1e-3 margins cover them; clip_native.screening_error_bound):
+ * Error sources (tau, a_c and the bounds' 1e-3 margins cover them; clip_native.screening_error_bound and
+ * poly_error_bound):
  *   - the code is round(w * fl(1/s)) instead of round(w / s): it differs only within |q| 2^-23 of a
  *     rounding tie, where both codes give |d| = s/2 up to that amount (relative 4 |q| 2^-23);
- *   - |d|^norm through vec.h's polynomials (<= 1.6e-5 relative, measured);
+ *   - |d|^norm and s^norm through vec.h's polynomials (<= 1.6e-5 relative, measured); the estimates'
+ *     polynomial (absolute, proven) and t's two roundings (relative norm 2^-22);
  *   - results below 2^-126 are flushed or approximated (each < 1.2e-38: alpha = 1e-30 covers g < 1e8);
  *   - float32 sums: 16 lanes of g/16 terms, then a 16-lane tree.
  * Groups with non-finite weights or terms near float32's range keep every ratio as a candidate.
  *
- * Measured on this project's 2-core AMD EPYC (benchmarks/results/rtn_speed.md), a Qwen3-30B-A3B-shaped
- * layer at W4 g128: ~26 ratios per group get moments, ~9 are estimated, of 80.
+ * Measured on this project's 2-core AMD EPYC without AVX-512 (benchmarks/results/rtn_speed_avx2.md), a
+ * Qwen3-30B-A3B-shaped layer at W4 g128: ~26 ratios per group get moments, ~9.4 are estimated, of 80; the
+ * polynomial estimates take the AVX2 screening of 98304 groups from 0.34 s to 0.26 s on 1 thread.
  *
  * No torch headers: moeq compiles this with the system C compiler on first use (clip_native.py) and calls
  * it through ctypes on tensors' data pointers. Three kernel sets, picked at run time: AVX-512 intrinsics
@@ -39,6 +49,7 @@
 #include "vec.h"
 
 enum { SCALE_F32 = 0, SCALE_BF16 = 1, SCALE_F16 = 2 };
+enum { POLY_DEG = 7 };  /* degree of the estimates' polynomial (clip_native.poly_fit) */
 
 typedef struct {
     float s, r, lo, hi;  /* scale, fl(1/s), code range [lo, hi] (codes minus zero) */
@@ -52,6 +63,9 @@ typedef struct {
     int bits, sym, scale_kind, isa, decreasing;  /* isa: kernel_isa's set; decreasing: p[c + 1] < p[c] */
     float norm;
     double tau, alpha;
+    const float *poly;   /* [POLY_DEG + 1] t^norm as a polynomial in t - 1/4 on t in [0, 1/2], lowest degree
+                            first; NULL: power estimates */
+    double poly_eps;     /* |poly(t - 1/4) - t^norm| on [0, 1/2], the rounding of t - 1/4 and Horner's included */
     uint8_t *cand;       /* [m, nc] out: 1 = candidate */
     int32_t *best;       /* [m] out: the candidate where there is exactly one, else -1 */
     float *range;        /* [m, 3] out: max |w|, min(min w, 0), max(max w, 0) (what the scales need) */
@@ -106,6 +120,29 @@ INLINE float powsum_generic(const float *buf, int64_t nv, ratio_t rt, float norm
         }
     }
     *vectors += nv;
+    return hsum(acc);
+}
+
+/* sum of t^norm, t = |d| fl(1/s) the residual in units of the scale: poly(t) where t <= 1/2 (every code
+ * inside the range), the power where not (clipped weights, a few per group) */
+INLINE float polysum_generic(const float *buf, int64_t nv, ratio_t rt, const float *poly, float norm) {
+    const ratio_v rv = ratio_splat(rt);
+    const vf half = splat(0.5f), quarter = splat(0.25f);
+    vf c[POLY_DEG + 1];
+    for (int i = 0; i <= POLY_DEG; i++) c[i] = splat(poly[i]);
+    vf acc = splat(0.0f);
+    for (int64_t v = 0; v < nv; v++) {
+        vf x;
+        memcpy(&x, buf + v * VW, sizeof x);
+        const vf t = resid_generic(x, rv) * rv.r;
+        const vf tc = vmin(t, half) - quarter;  /* the fit's centre */
+        vf q = c[POLY_DEG];
+        for (int i = POLY_DEG - 1; i >= 0; i--) q = q * tc + c[i];
+        const vi out = vgt(t, half);
+        int any = 0;
+        for (int i = 0; i < VW; i++) any |= out[i];
+        acc += any ? sel(out, pow_generic(t, norm), q) : q;
+    }
     return hsum(acc);
 }
 
@@ -194,7 +231,27 @@ AVX2 INLINE float powsum_avx2(const float *buf, int64_t nv, ratio_t rt, float no
     *vectors += nv;
     return hsum_avx2(acc[0], acc[1]);
 }
+AVX2 INLINE float polysum_avx2(const float *buf, int64_t nv, ratio_t rt, const float *poly, float norm) {
+    const __m256 s = _mm256_set1_ps(rt.s), r = _mm256_set1_ps(rt.r);
+    const __m256 lo = _mm256_set1_ps(rt.lo), hi = _mm256_set1_ps(rt.hi), half = _mm256_set1_ps(0.5f);
+    __m256 c[POLY_DEG + 1];
+    for (int i = 0; i <= POLY_DEG; i++) c[i] = _mm256_set1_ps(poly[i]);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t v = 0; v < nv; v++) {
+        for (int k = 0; k < 2; k++) {
+            const __m256 t = _mm256_mul_ps(resid_avx2(_mm256_load_ps(buf + v * VW + 8 * k), s, r, lo, hi), r);
+            const __m256 tc = _mm256_sub_ps(_mm256_min_ps(t, half), _mm256_set1_ps(0.25f));
+            __m256 q = c[POLY_DEG];
+            for (int i = POLY_DEG - 1; i >= 0; i--) q = _mm256_fmadd_ps(q, tc, c[i]);
+            const __m256 out = _mm256_cmp_ps(t, half, _CMP_GT_OQ);
+            if (_mm256_movemask_ps(out)) q = _mm256_blendv_ps(q, pow_avx2(t, _mm256_set1_ps(norm)), out);
+            acc[k] = _mm256_add_ps(acc[k], q);
+        }
+    }
+    return hsum_avx2(acc[0], acc[1]);
+}
 #endif
+
 
 /* ---------------------------------------------------------------- per-group search (one copy per ISA) */
 
@@ -241,7 +298,7 @@ INLINE int group_stats(const float *buf, int64_t nv, float *absmax, float *wmin,
 }
 
 typedef struct {  /* per-thread scratch of screen_rows: per ratio (nc) and one zero-padded group */
-    float *buf, *est, *lb, *s, *r, *lo, *hi, *s1, *s2;
+    float *buf, *est, *lb, *s, *r, *lo, *hi, *s1, *s2, *sp, *ea;
     int32_t *surv, *done;
 } scratch_t;
 
@@ -249,11 +306,11 @@ static int scratch_alloc(scratch_t *sc, int64_t g, int64_t nc) {
     const int64_t nv = (g + VW - 1) / VW;
     memset(sc, 0, sizeof *sc);
     sc->buf = aligned_alloc(64, (size_t)nv * VW * sizeof(float));
-    sc->est = malloc((size_t)(8 * nc) * sizeof(float));
+    sc->est = malloc((size_t)(10 * nc) * sizeof(float));
     sc->surv = malloc((size_t)(2 * nc) * sizeof(int32_t));
     if (!sc->buf || !sc->est || !sc->surv) return -1;
-    float **f[] = {&sc->lb, &sc->s, &sc->r, &sc->lo, &sc->hi, &sc->s1, &sc->s2};
-    for (int i = 0; i < 7; i++) *f[i] = sc->est + (i + 1) * nc;
+    float **f[] = {&sc->lb, &sc->s, &sc->r, &sc->lo, &sc->hi, &sc->s1, &sc->s2, &sc->sp, &sc->ea};
+    for (int i = 0; i < 9; i++) *f[i] = sc->est + (i + 1) * nc;
     sc->done = sc->surv + nc;
     return 0;
 }
@@ -270,6 +327,8 @@ static void scratch_free(scratch_t *sc) {
 #define ATTR
 #define MOMENTS moments_generic
 #define POWSUM powsum_generic
+#define POLYSUM polysum_generic
+#define USE_POLY 1
 #define RATIO_PARAMS ratio_params_generic
 #define POWV pow_generic
 #define LOG2V log2_generic
@@ -281,6 +340,7 @@ static void scratch_free(scratch_t *sc) {
 #define ATTR AVX512
 #define MOMENTS moments_avx512
 #define POWSUM powsum_avx512
+#define USE_POLY 0
 #define RATIO_PARAMS ratio_params_avx512
 #define POWV powv_avx512
 #define LOG2V log2v_avx512
@@ -291,6 +351,8 @@ static void scratch_free(scratch_t *sc) {
 #define ATTR AVX2
 #define MOMENTS moments_avx2
 #define POWSUM powsum_avx2
+#define POLYSUM polysum_avx2
+#define USE_POLY 1
 #define RATIO_PARAMS ratio_params_avx2
 #define POWV powv_avx2
 #define LOG2V log2v_avx2
@@ -319,13 +381,15 @@ static void *screen_thread(void *arg) {
  * else -1), range [m, 3] (max |w|, min(min w, 0), max(max w, 0): exact, the inputs of the scales). stats
  * [4]: ratios whose moments were taken, ratios estimated, 16-wide vectors estimated, groups with
  * non-finite weights.
- * isa: 0 = best available, 1 = portable kernels only, 2 = AVX2 at most (tests). Splits the groups over nthreads POSIX
- * threads. Returns 0, -1 on bad arguments, -2 when memory for the scratch could not be allocated. */
+ * poly: the estimates' polynomial [POLY_DEG + 1] (clip_native.poly_fit; coefficients of (t - 1/4)^k) with its
+ * bound poly_eps, or NULL for the power estimates everywhere. isa: 0 = best available, 1 = portable kernels
+ * only, 2 = AVX2 at most (tests). Splits the groups over nthreads POSIX threads. Returns 0, -1 on bad arguments, -2 when memory for the scratch could not be allocated. */
 int moeq_clip_screen(const float *w, int64_t m, int64_t g, const float *p, int64_t nc, int bits, int sym,
-                     int scale_kind, float norm, double tau, double alpha, int nthreads, int isa,
-                     uint8_t *cand, int32_t *best, float *range, int64_t *stats) {
+                     int scale_kind, float norm, double tau, double alpha, const float *poly, double poly_eps,
+                     int nthreads, int isa, uint8_t *cand, int32_t *best, float *range, int64_t *stats) {
     if (m < 0 || g <= 0 || nc <= 0 || bits < 1 || bits > 8 || scale_kind < 0 || scale_kind > 2 || sym < 0 ||
-        sym > 1 || !(tau > 0.0 && tau < 0.5) || !(alpha >= 0.0) || !(norm >= 1.0f && norm <= 8.0f))
+        sym > 1 || !(tau > 0.0 && tau < 0.5) || !(alpha >= 0.0) || !(norm >= 1.0f && norm <= 8.0f) ||
+        (poly && !(poly_eps >= 0.0 && poly_eps < 1.0)))
         return -1;
     nthreads = clamp_threads(nthreads, m);
     const int kset = kernel_isa(isa);
@@ -336,7 +400,7 @@ int moeq_clip_screen(const float *w, int64_t m, int64_t g, const float *p, int64
     for (int t = 0; t < nthreads; t++) {
         const int64_t r0 = t * per < m ? t * per : m, r1 = r0 + per < m ? r0 + per : m;
         jobs[t] = (job_t){w + r0 * g, r1 - r0, g, p, nc, bits, sym, scale_kind, kset, decreasing, norm, tau, alpha,
-                          cand + r0 * nc, best + r0, range + 3 * r0, {0, 0, 0, 0}, 0};
+                          poly, poly_eps, cand + r0 * nc, best + r0, range + 3 * r0, {0, 0, 0, 0}, 0};
     }
     run_jobs(jobs, sizeof jobs[0], nthreads, screen_thread);
     int failed = 0;

@@ -1,18 +1,31 @@
 /* The per-group clip search screening of clip_screen.c, included once per kernel set with SCREEN_ROWS,
- * MOMENT_BOUNDS and RATIO_PARAMS (the functions' names), ATTR (their target attribute), MOMENTS, POWSUM
- * (the kernels) and POWV, LOG2V, EXP2V (16-wide |a|^norm, log2, 2^y) defined; it undefines them at its end. */
+ * MOMENT_BOUNDS and RATIO_PARAMS (the functions' names), ATTR (their target attribute), MOMENTS, POWSUM,
+ * POLYSUM (the kernels; POLYSUM only with USE_POLY 1) and POWV, LOG2V, EXP2V (16-wide
+ * |a|^norm, log2, 2^y) defined; it undefines them at its end. */
 
 #define RATIO(c) ((ratio_t){sc->s[c], sc->r[c], sc->lo[c], sc->hi[c]})
 
-/* estimate ratio c of the current group; U and the hint follow the estimate */
-#define ESTIMATE(c)                                                                                  \
-    do {                                                                                             \
-        j->stats[1]++;                                                                               \
-        const float e_ = POWSUM(sc->buf, nv, RATIO(c), j->norm, u * keep + j->alpha, &j->stats[2]); \
-        if (((double)e_ + j->alpha) * up < u) u = ((double)e_ + j->alpha) * up;                      \
-        if (e_ < best) { best = e_; hint = (c); }                                                    \
-        sc->est[c] = e_;                                                                             \
-        sc->done[n_done++] = (int32_t)(c);                                                           \
+/* estimate ratio c of the current group (the polynomial where its scale's power is a normal float, else
+ * the power); U and the hint follow the estimate. a_: the estimate's absolute error (alpha, plus the
+ * polynomial's per lane times the scale's power), rounded up into ea[c] for the candidates' test */
+#if USE_POLY
+#define POLY_EST(c) (sc->sp[c] * POLYSUM(sc->buf, nv, RATIO(c), j->poly, j->norm))
+#else
+#define POLY_EST(c) 0.0f
+#endif
+#define ESTIMATE(c)                                                                                      \
+    do {                                                                                                 \
+        j->stats[1]++;                                                                                   \
+        const int poly_ = poly_on && sc->sp[c] >= 0x1p-119f;                                             \
+        const double a_ = (j->alpha + (poly_ ? poly_a * sc->sp[c] : 0.0)) * (1.0 + 1e-6);               \
+        float e_;                                                                                        \
+        if (poly_) { e_ = POLY_EST(c); j->stats[2] += nv; }                                              \
+        else e_ = POWSUM(sc->buf, nv, RATIO(c), j->norm, u * keep + a_, &j->stats[2]);                   \
+        sc->ea[c] = (float)a_;                                                                           \
+        if (((double)e_ + sc->ea[c]) * up < u) u = ((double)e_ + sc->ea[c]) * up;                        \
+        if (e_ < best) { best = e_; hint = (c); }                                                        \
+        sc->est[c] = e_;                                                                                 \
+        sc->done[n_done++] = (int32_t)(c);                                                               \
     } while (0)
 
 /* scales, reciprocals, code ranges [lo, hi] and clipping lower bounds of the ratios p [nc], 16 at a time:
@@ -20,7 +33,7 @@
  * (the group's max above the range, its min below it), with a 1e-3 margin for the approximate power */
 ATTR static void RATIO_PARAMS(const float *p, int64_t c_begin, int64_t c_end, float absmax, float wmin, float wmax,
                               int maxq, int sym, int kind, float norm, float *s_out, float *r_out, float *lo_out,
-                              float *hi_out, float *lb_out) {
+                              float *hi_out, float *lb_out, float *sp_out) {
     const float tiny = kind == SCALE_F16 ? 6.103515625e-05f : 1.17549435e-38f;
     for (int64_t c0 = c_begin; c0 < c_end; c0 += VW) {
         const int64_t n = c_end - c0 < VW ? c_end - c0 : VW;
@@ -53,6 +66,11 @@ ATTR static void RATIO_PARAMS(const float *p, int64_t c_begin, int64_t c_end, fl
         memcpy(lo_out + c0, o[2], (size_t)n * sizeof(float));
         memcpy(hi_out + c0, o[3], (size_t)n * sizeof(float));
         memcpy(lb_out + c0, o[4], (size_t)n * sizeof(float));
+        if (sp_out) {  /* s^norm, for the polynomial estimates */
+            const vf sp = POWV(s, norm);
+            memcpy(o[0], &sp, sizeof o[0]);
+            memcpy(sp_out + c0, o[0], (size_t)n * sizeof(float));
+        }
     }
 }
 
@@ -91,6 +109,8 @@ ATTR static void SCREEN_ROWS(job_t *j, scratch_t *sc) {
     const int maxq = (1 << j->bits) - 1;
     const double up = 1.0 / (1.0 - j->tau), keep = 1.0 + j->tau;
     const int use_moments = j->norm >= 2.0f;
+    const int poly_on = USE_POLY && j->poly != NULL;
+    const double poly_a = j->poly_eps * (double)(nv * VW);  /* every lane, the zero padding's too */
     int64_t hint = nc / 8;
     for (int64_t row = 0; row < j->m; row++) {
         const float *w = j->w + row * g;
@@ -118,7 +138,7 @@ ATTR static void SCREEN_ROWS(job_t *j, scratch_t *sc) {
         int64_t n_par = lazy ? (hint / VW + 1) * VW : nc;
         n_par = n_par < nc ? n_par : nc;
 #define PARAMS(c0, c1) RATIO_PARAMS(j->p, c0, c1, absmax, wmin, wmax, maxq, j->sym, j->scale_kind, j->norm, sc->s, \
-                                    sc->r, sc->lo, sc->hi, sc->lb)
+                                    sc->r, sc->lo, sc->hi, sc->lb, poly_on ? sc->sp : NULL)
         PARAMS(0, n_par);
         double u = INFINITY;
         float best = INFINITY;
@@ -158,13 +178,14 @@ ATTR static void SCREEN_ROWS(job_t *j, scratch_t *sc) {
         int32_t n_cand = 0, only = -1;
         for (int64_t k = 0; k < n_done; k++) {
             const int32_t c = sc->done[k];
-            if ((double)sc->est[c] <= u * keep + j->alpha) { cand[c] = 1; n_cand++; only = c; }
+            if ((double)sc->est[c] <= u * keep + sc->ea[c]) { cand[c] = 1; n_cand++; only = c; }
         }
         j->best[row] = n_cand == 1 ? only : -1;
     }
 }
 
 #undef ESTIMATE
+#undef POLY_EST
 #undef RATIO
 /* this inclusion's parameters: the next one defines its own */
 #undef SCREEN_ROWS
@@ -172,6 +193,8 @@ ATTR static void SCREEN_ROWS(job_t *j, scratch_t *sc) {
 #undef ATTR
 #undef MOMENTS
 #undef POWSUM
+#undef POLYSUM
+#undef USE_POLY
 #undef RATIO_PARAMS
 #undef POWV
 #undef LOG2V
