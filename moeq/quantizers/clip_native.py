@@ -5,9 +5,9 @@ smallest exact error; only a few ratios per group can hold that minimum and only
 Finding them ("screening") is what dominates RTN's time: ~25 ratios x 128 weights of ``|d| ** norm`` per
 group. ``clip_screen.c`` does it per group in registers with a polynomial ``|d| ** norm`` of bounded error,
 so that RTN of a Qwen3-30B-A3B-shaped layer takes 5.5 s instead of 85 s with the torch screening on a 2-core
-machine with AVX-512 (``benchmarks/results/rtn_speed.md``), 10.0 s (min of 2; 12.5 s with the power estimates only) instead of 76 s on one with AVX2 only
-(``rtn_speed_avx2.md``). The exact errors
-and the final choice stay in torch, so results are bit-identical either way; where no C compiler is found
+machine with AVX-512 (``benchmarks/results/rtn_speed.md``), 10.0 s (min of 2; 12.5 s with the power
+estimates only) instead of 76 s on one with AVX2 only (``rtn_speed_avx2.md``). The exact errors and the
+final choice stay in torch, so results are bit-identical either way; where no C compiler is found
 (or ``MOEQ_NATIVE_CLIP=0``) the torch screening runs instead, with the same results, and a warning says so.
 
 The library is built with the system compiler (``$CC``, else ``cc``/``gcc``/``clang``) into
@@ -232,7 +232,9 @@ def screen_candidates(w: torch.Tensor, p: torch.Tensor, bits: int, sym: bool, sc
     best = torch.empty(m, dtype=torch.int32)
     rng = torch.empty(m, 3, dtype=torch.float32)
     stats = (ctypes.c_int64 * 4)()
-    fit = poly_fit(norm) if estimates == "auto" else None
+    # the AVX-512 set estimates with the power only (clip_screen.c's USE_POLY): no fit, no wider tolerance
+    avx512 = kernels == "best" and kernel_set() == "avx512"
+    fit = poly_fit(norm) if estimates == "auto" and not avx512 else None
     if fit is not None:
         bound += poly_error_bound(norm)
     rc = lib.moeq_clip_screen(w.data_ptr(), m, g, p.data_ptr(), p.numel(), bits, int(sym), _SCALE_KINDS[scale_dtype],

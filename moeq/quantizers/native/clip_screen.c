@@ -231,27 +231,29 @@ AVX2 INLINE float powsum_avx2(const float *buf, int64_t nv, ratio_t rt, float no
     *vectors += nv;
     return hsum_avx2(acc[0], acc[1]);
 }
+
+/* polysum_generic with AVX2 + FMA on two 8-lane halves */
 AVX2 INLINE float polysum_avx2(const float *buf, int64_t nv, ratio_t rt, const float *poly, float norm) {
     const __m256 s = _mm256_set1_ps(rt.s), r = _mm256_set1_ps(rt.r);
     const __m256 lo = _mm256_set1_ps(rt.lo), hi = _mm256_set1_ps(rt.hi), half = _mm256_set1_ps(0.5f);
+    const __m256 quarter = _mm256_set1_ps(0.25f), nv8 = _mm256_set1_ps(norm);
     __m256 c[POLY_DEG + 1];
     for (int i = 0; i <= POLY_DEG; i++) c[i] = _mm256_set1_ps(poly[i]);
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t v = 0; v < nv; v++) {
         for (int k = 0; k < 2; k++) {
             const __m256 t = _mm256_mul_ps(resid_avx2(_mm256_load_ps(buf + v * VW + 8 * k), s, r, lo, hi), r);
-            const __m256 tc = _mm256_sub_ps(_mm256_min_ps(t, half), _mm256_set1_ps(0.25f));
+            const __m256 tc = _mm256_sub_ps(_mm256_min_ps(t, half), quarter);  /* the fit's centre */
             __m256 q = c[POLY_DEG];
             for (int i = POLY_DEG - 1; i >= 0; i--) q = _mm256_fmadd_ps(q, tc, c[i]);
             const __m256 out = _mm256_cmp_ps(t, half, _CMP_GT_OQ);
-            if (_mm256_movemask_ps(out)) q = _mm256_blendv_ps(q, pow_avx2(t, _mm256_set1_ps(norm)), out);
+            if (_mm256_movemask_ps(out)) q = _mm256_blendv_ps(q, pow_avx2(t, nv8), out);
             acc[k] = _mm256_add_ps(acc[k], q);
         }
     }
     return hsum_avx2(acc[0], acc[1]);
 }
 #endif
-
 
 /* ---------------------------------------------------------------- per-group search (one copy per ISA) */
 
@@ -383,7 +385,8 @@ static void *screen_thread(void *arg) {
  * non-finite weights.
  * poly: the estimates' polynomial [POLY_DEG + 1] (clip_native.poly_fit; coefficients of (t - 1/4)^k) with its
  * bound poly_eps, or NULL for the power estimates everywhere. isa: 0 = best available, 1 = portable kernels
- * only, 2 = AVX2 at most (tests). Splits the groups over nthreads POSIX threads. Returns 0, -1 on bad arguments, -2 when memory for the scratch could not be allocated. */
+ * only, 2 = AVX2 at most (tests). Splits the groups over nthreads POSIX threads. Returns 0, -1 on bad
+ * arguments, -2 when memory for the scratch could not be allocated. */
 int moeq_clip_screen(const float *w, int64_t m, int64_t g, const float *p, int64_t nc, int bits, int sym,
                      int scale_kind, float norm, double tau, double alpha, const float *poly, double poly_eps,
                      int nthreads, int isa, uint8_t *cand, int32_t *best, float *range, int64_t *stats) {
