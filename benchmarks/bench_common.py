@@ -65,11 +65,12 @@ def default_out_dir(device: torch.device) -> Path:
     return REPO / "benchmarks" / "results" / re.sub(r"[^A-Za-z0-9._-]+", "_", device_name(device))
 
 
-def git_commit() -> str:
-    """``HEAD`` of the checkout, with ``+dirty`` when tracked files differ; ``"unknown"`` outside git."""
+def git_commit(root: Path | str = REPO) -> str:
+    """``HEAD`` of the checkout at ``root`` (default: this one), with ``+dirty`` when tracked files differ;
+    ``"unknown"`` outside git."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -4,9 +4,9 @@ The MSE clip search (:func:`moeq.quantizers.rtn._best_params`) picks, per group,
 smallest exact error; only a few ratios per group can hold that minimum and only those need exact errors.
 Finding them ("screening") is what dominates RTN's time: ~25 ratios x 128 weights of ``|d| ** norm`` per
 group. ``clip_screen.c`` does it per group in registers with a polynomial ``|d| ** norm`` of bounded error,
-so that RTN of a Qwen3-30B-A3B-shaped layer takes 5.5 s instead of 85 s with the torch screening on a 2-core
-machine with AVX-512 (``benchmarks/results/rtn_speed.md``), 10.0 s (min of 2; 12.5 s with the power
-estimates only) instead of 76 s on one with AVX2 only (``rtn_speed_avx2.md``). The exact errors and the
+so that RTN of a Qwen3-30B-A3B-shaped layer takes 5.6 s instead of 83 s with the torch screening on a 2-core
+machine with AVX-512 (``benchmarks/results/rtn_speed.md``, 2 threads, min of 4), 10.0 s (min of 2; 12.5 s
+with the power estimates only) instead of 76 s on one with AVX2 only (``rtn_speed_avx2.md``). The exact errors and the
 final choice stay in torch, so results are bit-identical either way; where no C compiler is found
 (or ``MOEQ_NATIVE_CLIP=0``) the torch screening runs instead, with the same results, and a warning says so.
 
@@ -124,7 +124,7 @@ def load() -> ctypes.CDLL | None:
                                      ptr, ptr, ptr, ptr]
     lib.moeq_clip_screen.restype = ctypes.c_int
     lib.moeq_pow_approx.argtypes = [ptr, i64, f32, cint, ptr]
-    lib.moeq_rtn_codes.argtypes = [ptr, i64, i64, ptr, ptr, cint, cint, cint, ptr, ptr]
+    lib.moeq_rtn_codes.argtypes = [ptr, i64, i64, ptr, ptr, cint, cint, cint, cint, ptr, ptr]
     lib.moeq_rtn_codes.restype = ctypes.c_int
     lib.moeq_pow_approx.restype = ctypes.c_int
     lib.moeq_clip_kernels.argtypes = []
@@ -253,13 +253,14 @@ def packs_natively(bits: int, g: int) -> bool:
 
 
 def rtn_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-              out: torch.Tensor) -> tuple[float, float] | None:
+              out: torch.Tensor, kernels: str = "best") -> tuple[float, float] | None:
     """RTN codes of groups ``w [M, g]`` (float32, CPU) under ``scales [M]`` (any float dtype) and ``zeros
     [M]`` (uint8, or None: symmetric) into ``out``: uint8 codes ``[M, g]``, or int32 packed words ``[M, g *
     bits / 32]`` (where :func:`packs_natively`), bit for bit those of
     :func:`moeq_kernels.packing.quantize_with_params` (+ ``pack``). Returns ``(sum of squared errors, sum of
     w^2)``, or None where the library is unavailable or ``w`` is not a CPU float32 tensor (``out`` is then
-    untouched). Raises ValueError at a non-finite weight.
+    untouched). Raises ValueError at a non-finite weight. ``kernels``: as :func:`screen_candidates`' (the
+    AVX2 kernel, also on AVX-512 CPUs, where ``g`` is a multiple of 8; else the portable one).
     """
     if w.device.type != "cpu" or w.dtype != torch.float32 or not 1 <= bits <= 8:
         return None
@@ -277,7 +278,7 @@ def rtn_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
     zf = None if zeros is None else zeros.to(torch.float32).contiguous()
     sums = (ctypes.c_double * 2)()
     rc = lib.moeq_rtn_codes(w.data_ptr(), m, g, sf.data_ptr(), None if zf is None else zf.data_ptr(), bits,
-                            int(packed), torch.get_num_threads(), out.data_ptr(), sums)
+                            int(packed), torch.get_num_threads(), _ISA[kernels], out.data_ptr(), sums)
     if rc == -3:
         raise ValueError("non-finite weight in the groups being quantized")
     if rc:

@@ -168,32 +168,42 @@ def test_non_finite_group_keeps_every_ratio_and_matches_dense():
     assert torch.equal(s.view(torch.int16), rs.view(torch.int16))
 
 
-@pytest.mark.parametrize("bits,sym,g", [(4, True, 128), (4, False, 32), (2, True, 64), (8, False, 32),
-                                        (3, True, 32), (4, True, 40)])
-def test_rtn_codes_equal_packing_bit_for_bit(bits, sym, g):
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("bits,sym,g", [
+    (4, True, 128), (4, False, 32),  # the common formats, packed words
+    (2, True, 64), (2, False, 32), (8, False, 32),  # the other packed widths (8: bytes in order)
+    (3, True, 32), (3, False, 16),  # uint8 codes only (3 does not divide 8)
+    (4, True, 40),  # g not a multiple of 8: the portable code on every set
+])
+def test_rtn_codes_equal_packing_bit_for_bit(kernels, bits, sym, g):
     w = torch.randn(24, 2 * g, generator=torch.Generator().manual_seed(bits)) * 0.05
     w[0, :g] = 0  # zero group: scale tiny, codes = zero point
+    w[1, :3] = torch.tensor([1e15, -1e15, 3e-39])  # huge outliers (the rest rounds to the zero point), a subnormal
     spec = WeightSpec(bits, g, sym)
     s, z = rtn.group_params(w.view(24, 2, g), spec, torch.bfloat16)
     ref = quantize_with_params(w.view(1, 24, 2 * g), s.view(1, 24, 2), None if z is None else z.view(1, 24, 2), bits)
+    zv = None if z is None else z.view(-1)
     codes = torch.empty(48, g, dtype=torch.uint8)
-    err, wsq = clip_native.rtn_codes(w.view(48, g), s.view(-1), None if z is None else z.view(-1), bits, codes)
+    err, wsq = clip_native.rtn_codes(w.view(48, g), s.view(-1), zv, bits, codes, kernels)
     assert torch.equal(codes.view(1, 24, 2 * g), ref)
     if clip_native.packs_natively(bits, g):
         words = torch.empty(48, g * bits // 32, dtype=torch.int32)
-        clip_native.rtn_codes(w.view(48, g), s.view(-1), None if z is None else z.view(-1), bits, words)
+        clip_native.rtn_codes(w.view(48, g), s.view(-1), zv, bits, words, kernels)
         assert torch.equal(words.view(1, 24, -1), pack(ref, bits))
     zero = z.float().view(-1, 1) if z is not None else 2 ** (bits - 1)
     deq = (ref.float().view(48, g) - zero) * s.float().view(-1, 1)
-    assert err == pytest.approx(float(((deq - w.view(48, g)) ** 2).sum()), rel=1e-5)
-    assert wsq == pytest.approx(float((w**2).sum()), rel=1e-6)
+    # float64 references; the C sums are float32 per group (FMA-contracted on the AVX2 set), then float64
+    assert err == pytest.approx(float(((deq.double() - w.view(48, g).double()) ** 2).sum()), rel=1e-5)
+    assert wsq == pytest.approx(float((w.double() ** 2).sum()), rel=1e-6)
 
 
-def test_rtn_codes_reject_non_finite_weights():
-    w = torch.ones(2, 32)
-    w[1, 3] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
-        clip_native.rtn_codes(w, torch.ones(2), None, 4, torch.empty(2, 32, dtype=torch.uint8))
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_rtn_codes_reject_non_finite_weights(kernels):
+    for bad in (float("nan"), float("inf")):
+        w = torch.ones(2, 32)
+        w[1, 3] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            clip_native.rtn_codes(w, torch.ones(2), None, 4, torch.empty(2, 32, dtype=torch.uint8), kernels)
 
 
 def test_disabled_library_falls_back_to_torch_with_identical_results(monkeypatch):

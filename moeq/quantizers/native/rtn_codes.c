@@ -110,19 +110,25 @@ INLINE void rtn_codes_impl(codes_job_t *j) {
 }
 
 static void rtn_codes_generic(codes_job_t *j) { rtn_codes_impl(j); }
-#ifdef HAVE_X86
-AVX512 static void rtn_codes_avx512(codes_job_t *j) { rtn_codes_impl(j); }
 
-/* 4-bit packed words with AVX2 + FMA, 8 codes (one word) at a time (the portable code above, compiled for AVX2,
- * was 2x slower than for SSE2: its 16-lane byte conversions become scalar), g a multiple of 8. The codes are
- * rtn_codes_impl's (true division, round half to even, the clamps); the error sums contract to FMA. */
-AVX2 static void rtn_codes_avx2_b4(codes_job_t *j) {
-    const __m256 maxq = _mm256_set1_ps(15.0f), lim = _mm256_set1_ps(4194304.0f), zero = _mm256_setzero_ps();
-    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+#ifdef HAVE_X86
+/* rtn_codes_impl with AVX2 + FMA, 8 codes at a time, g a multiple of 8; nib: the packed code width (1, 2 or 4:
+ * the 8 codes are 8 * nib bits of one word) or 0 (one byte per code: uint8 codes, and 8-bit words, whose
+ * bytes are the codes in order). The codes are rtn_codes_impl's (true division, round half to even, the
+ * clamps); the error sums contract to FMA. One 4 MiB chunk of 4-bit words on the AVX-512 machine of
+ * 2026-12-03 (1 thread, min of 15): 1.75 ms, against 4.66 ms for the portable code compiled for SSE2 and
+ * 9.5 ms compiled for AVX-512 (its 16-lane byte conversions and packing become scalar), so AVX-512 CPUs run
+ * this one too. */
+AVX2 INLINE void codes_avx2(codes_job_t *j, int nib) {
+    const float zsym = (float)(1 << (j->bits - 1));
+    const __m256 maxq = _mm256_set1_ps((float)((1 << j->bits) - 1)), lim = _mm256_set1_ps(4194304.0f);
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256i shifts = _mm256_setr_epi32(0, nib, 2 * nib, 3 * nib, 4 * nib, 5 * nib, 6 * nib, 7 * nib);
+    const int64_t row_bytes = j->packed ? j->g * j->bits / 8 : j->g;
     for (int64_t row = 0; row < j->m; row++) {
-        const __m256 sf = _mm256_set1_ps(j->s[row]), zf = _mm256_set1_ps(j->z ? j->z[row] : 8.0f);
+        const __m256 sf = _mm256_set1_ps(j->s[row]), zf = _mm256_set1_ps(j->z ? j->z[row] : zsym);
         const float *w = j->w + row * j->g;
-        uint8_t *out = j->out + row * (j->g / 2);
+        uint8_t *out = j->out + row * row_bytes;
         __m256 e = zero, w2 = zero, bad = zero;
         for (int64_t i = 0; i < j->g; i += 8) {
             const __m256 v = _mm256_loadu_ps(w + i);
@@ -133,12 +139,18 @@ AVX2 static void rtn_codes_avx2_b4(codes_job_t *j) {
             const __m256 d = _mm256_fmsub_ps(_mm256_sub_ps(q, zf), sf, v);
             e = _mm256_fmadd_ps(d, d, e);
             w2 = _mm256_fmadd_ps(v, v, w2);
-            const __m256i sh = _mm256_sllv_epi32(_mm256_cvtps_epi32(q), shifts);
-            __m128i x = _mm_or_si128(_mm256_castsi256_si128(sh), _mm256_extracti128_si256(sh, 1));
-            x = _mm_or_si128(x, _mm_shuffle_epi32(x, 0x4e));  /* lanes (2, 3, 0, 1) */
-            x = _mm_or_si128(x, _mm_shuffle_epi32(x, 0xb1));  /* lanes (1, 0, 3, 2) */
-            const int32_t word = _mm_cvtsi128_si32(x);
-            memcpy(out + i / 2, &word, 4);
+            const __m256i qi = _mm256_cvtps_epi32(q);
+            if (nib) {  /* code k at bits k * nib of the word, OR-ed across the lanes */
+                const __m256i sh = _mm256_sllv_epi32(qi, shifts);
+                __m128i x = _mm_or_si128(_mm256_castsi256_si128(sh), _mm256_extracti128_si256(sh, 1));
+                x = _mm_or_si128(x, _mm_shuffle_epi32(x, 0x4e));  /* lanes (2, 3, 0, 1) */
+                x = _mm_or_si128(x, _mm_shuffle_epi32(x, 0xb1));  /* lanes (1, 0, 3, 2) */
+                const int32_t word = _mm_cvtsi128_si32(x);
+                memcpy(out + i * nib / 8, &word, (size_t)nib);  /* 8 * nib bits: the word's low nib bytes */
+            } else {  /* codes <= 255: the unsigned saturations are exact */
+                const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+                _mm_storel_epi64((__m128i *)(out + i), _mm_packus_epi16(h, h));
+            }
         }
         if (_mm256_movemask_ps(bad)) { j->status = -3; return; }
         float a[8], b[8];
@@ -150,13 +162,21 @@ AVX2 static void rtn_codes_avx2_b4(codes_job_t *j) {
         j->sums[1] += sw;
     }
 }
+
+/* codes_avx2 with its code width a constant (the store's branch leaves the loop) */
+AVX2 static void rtn_codes_avx2(codes_job_t *j) {
+    const int nib = j->packed && j->bits < 8 ? j->bits : 0;
+    if (nib == 4) codes_avx2(j, 4);
+    else if (nib == 2) codes_avx2(j, 2);
+    else if (nib == 1) codes_avx2(j, 1);
+    else codes_avx2(j, 0);
+}
 #endif
 
 static void *codes_thread(void *arg) {
     codes_job_t *j = arg;
 #ifdef HAVE_X86
-    if (j->isa == 2) { rtn_codes_avx512(j); return NULL; }
-    if (j->isa == 1 && j->packed && j->bits == 4 && j->g % 8 == 0) { rtn_codes_avx2_b4(j); return NULL; }
+    if (j->isa >= 1 && j->g % 8 == 0) { rtn_codes_avx2(j); return NULL; }
 #endif
     rtn_codes_generic(j);
     return NULL;
@@ -167,13 +187,13 @@ static void *codes_thread(void *arg) {
  * moeq_kernels.packing.quantize_with_params (true division, round half to even), so the same bits. out:
  * the codes [m, g] uint8, or with packed (g * bits a multiple of 32, bits dividing 8) the bytes of
  * moeq_kernels.packing.pack's little-endian int32 words [m, g * bits / 32]. sums [2] += (sum over groups
- * of float32 sums of ((q - z) s - w)^2, the same of w^2), in double. Returns 0, -1 on bad arguments, -3 at
- * a non-finite weight. */
+ * of float32 sums of ((q - z) s - w)^2, the same of w^2), in double. isa as moeq_clip_screen's (0 best,
+ * 1 portable only, 2 AVX2 at most). Returns 0, -1 on bad arguments, -3 at a non-finite weight. */
 int moeq_rtn_codes(const float *w, int64_t m, int64_t g, const float *s, const float *z, int bits, int packed,
-                   int nthreads, uint8_t *out, double *sums) {
+                   int nthreads, int isa, uint8_t *out, double *sums) {
     if (m < 0 || g <= 0 || bits < 1 || bits > 8 || (packed && (8 % bits || (g * bits) % 32))) return -1;
     nthreads = clamp_threads(nthreads, m);
-    const int kset = kernel_isa(0);  /* AVX-512; AVX2 for packed 4-bit words; else the portable code */
+    const int kset = kernel_isa(isa);  /* AVX2 (also on AVX-512 CPUs) where g is a multiple of 8, else portable */
     const int64_t per = (m + nthreads - 1) / nthreads, row_bytes = packed ? g * bits / 8 : g;
     codes_job_t jobs[MAX_THREADS];
     for (int t = 0; t < nthreads; t++) {
