@@ -236,8 +236,10 @@ AVX2_HALVES(exp2v_avx2, (vf a), exp2_avx2(h[k]))
 static inline int kernel_isa(int isa) {
 #ifdef HAVE_X86
     if (isa == 1) return 0;
-    if (isa != 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return 2;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+    /* the AVX-512 set also runs AVX2 + FMA code (rtn_codes.c): every AVX-512 CPU has both, a VM's CPUID may not */
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa != 2 && avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return 2;
+    return avx2 ? 1 : 0;
 #else
     (void)isa;
     return 0;
