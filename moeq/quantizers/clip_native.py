@@ -6,9 +6,10 @@ Finding them ("screening") is what dominates RTN's time: ~25 ratios x 128 weight
 group. ``clip_screen.c`` does it per group in registers with a polynomial ``|d| ** norm`` of bounded error,
 so that RTN of a Qwen3-30B-A3B-shaped layer takes 5.6 s instead of 83 s with the torch screening on a 2-core
 machine with AVX-512 (``benchmarks/results/rtn_speed.md``, 2 threads, min of 4), 10.0 s (min of 2; 12.5 s
-with the power estimates only) instead of 76 s on one with AVX2 only (``rtn_speed_avx2.md``). The exact errors and the
-final choice stay in torch, so results are bit-identical either way; where no C compiler is found
-(or ``MOEQ_NATIVE_CLIP=0``) the torch screening runs instead, with the same results, and a warning says so.
+with the power estimates only) instead of 76 s on one with AVX2 only (``rtn_speed_avx2.md``). The exact
+errors and the final choice stay in torch, so results are bit-identical either way; where no C compiler is
+found (or ``MOEQ_NATIVE_CLIP=0``) the torch screening runs instead, with the same results, and a warning says
+so.
 
 The library is built with the system compiler (``$CC``, else ``cc``/``gcc``/``clang``) into
 ``$MOEQ_CACHE_DIR`` (default ``$XDG_CACHE_HOME/moeq`` or ``~/.cache/moeq``), named by a hash of the source,

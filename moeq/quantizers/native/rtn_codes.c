@@ -112,13 +112,13 @@ INLINE void rtn_codes_impl(codes_job_t *j) {
 static void rtn_codes_generic(codes_job_t *j) { rtn_codes_impl(j); }
 
 #ifdef HAVE_X86
-/* rtn_codes_impl with AVX2 + FMA, 8 codes at a time, g a multiple of 8; nib: the packed code width (1, 2 or 4:
+/* rtn_codes_impl with AVX2 + FMA, 8 codes at a time, g a multiple of 8; nib: the packed code width (2 or 4:
  * the 8 codes are 8 * nib bits of one word) or 0 (one byte per code: uint8 codes, and 8-bit words, whose
  * bytes are the codes in order). The codes are rtn_codes_impl's (true division, round half to even, the
- * clamps); the error sums contract to FMA. One 4 MiB chunk of 4-bit words on the AVX-512 machine of
- * 2026-12-03 (1 thread, min of 15): 1.75 ms, against 4.66 ms for the portable code compiled for SSE2 and
- * 9.5 ms compiled for AVX-512 (its 16-lane byte conversions and packing become scalar), so AVX-512 CPUs run
- * this one too. */
+ * clamps); the error sums contract to FMA. 4-bit words of one 2048 x 2048 chunk (16 MiB of float32) on the
+ * AVX-512 machine of 2026-12-03 (1 thread, min of 15): 1.75 ms, against 4.66 ms for the portable code
+ * compiled for SSE2 and 9.5 ms compiled for AVX-512 (its 16-lane byte conversions and packing become
+ * scalar), so AVX-512 CPUs run this one too. */
 AVX2 INLINE void codes_avx2(codes_job_t *j, int nib) {
     const float zsym = (float)(1 << (j->bits - 1));
     const __m256 maxq = _mm256_set1_ps((float)((1 << j->bits) - 1)), lim = _mm256_set1_ps(4194304.0f);
@@ -163,20 +163,19 @@ AVX2 INLINE void codes_avx2(codes_job_t *j, int nib) {
     }
 }
 
-/* codes_avx2 with its code width a constant (the store's branch leaves the loop) */
+/* codes_avx2 with its code width a constant (the store's branch leaves the loop); packed 1-bit codes (not
+ * a format moeq writes) take the portable code */
 AVX2 static void rtn_codes_avx2(codes_job_t *j) {
-    const int nib = j->packed && j->bits < 8 ? j->bits : 0;
-    if (nib == 4) codes_avx2(j, 4);
-    else if (nib == 2) codes_avx2(j, 2);
-    else if (nib == 1) codes_avx2(j, 1);
-    else codes_avx2(j, 0);
+    if (j->packed && j->bits == 4) codes_avx2(j, 4);
+    else if (j->packed && j->bits == 2) codes_avx2(j, 2);
+    else codes_avx2(j, 0);  /* uint8 codes, 8-bit words */
 }
 #endif
 
 static void *codes_thread(void *arg) {
     codes_job_t *j = arg;
 #ifdef HAVE_X86
-    if (j->isa >= 1 && j->g % 8 == 0) { rtn_codes_avx2(j); return NULL; }
+    if (j->isa >= 1 && j->g % 8 == 0 && !(j->packed && j->bits == 1)) { rtn_codes_avx2(j); return NULL; }
 #endif
     rtn_codes_generic(j);
     return NULL;
