@@ -16,7 +16,7 @@ from moeq.nn.mixed import MixedQuantizedExperts, build_experts
 from moeq.quantize_linear import linear_targets, quantize_linear_rtn, set_module
 from moeq.quantizers import register_method
 from moeq.quantizers.report import ModuleReport, QuantReport, rel_error
-from moeq.quantizers.rtn import rtn_quantize, rtn_quantize_with_error
+from moeq.quantizers.rtn import relative_error, rtn_quantize_with_error
 from moeq_kernels.experts import ExpertWeights
 
 logger = logging.getLogger("moeq.quantize")
@@ -31,12 +31,14 @@ def quantize_experts_rtn(name: str, experts: nn.Module, config: QuantConfig, rep
         t0 = time.perf_counter()
         specs = [config.spec_for(name, proj, e) for e in range(w.shape[0])]
         args = (scale_dtype, config.w_clip, config.clip_grid, config.clip_max_shrink, config.clip_norm)
-        if config.is_mixed(name):
-            parts[proj] = [rtn_quantize(w[e], s, *args) for e, s in enumerate(specs)]
-            rel = rel_error(w, torch.cat([p.dequantize(torch.float32) for p in parts[proj]]))
-        else:  # the error comes with the quantization: no unpack of the whole stack for the report
-            p, rel = rtn_quantize_with_error(w, specs[0], *args)
-            parts[proj] = [p]
+        # the error sums come with the quantization: no dequantized copy of the stack for the report
+        if config.is_mixed(name):  # one expert at a time, each with its own spec
+            outs = [rtn_quantize_with_error(w[e], s, *args) for e, s in enumerate(specs)]
+            parts[proj] = [o[0] for o in outs]
+            rel = relative_error(sum(o[1] for o in outs), sum(o[2] for o in outs))
+        else:
+            p, err_sq, w_sq = rtn_quantize_with_error(w, specs[0], *args)
+            parts[proj], rel = [p], relative_error(err_sq, w_sq)
         report.add(ModuleReport(f"{name}.{proj}", tuple(w.shape), specs[0].bits, parts[proj][0].group_size,
                                 rel, time.perf_counter() - t0))
     if not config.is_mixed(name):  # one scheme: the stacks as they are (splitting and re-concatenating them

@@ -243,6 +243,11 @@ def rtn_quantize(
     return rtn_quantize_with_error(w, spec, scale_dtype, w_clip, grid, max_shrink, norm, chunk_rows)[0]
 
 
+def relative_error(err_sq: float, w_sq: float) -> float:
+    """``||W - Q||_F / ||W||_F`` from the sums :func:`rtn_quantize_with_error` returns (added over stacks)."""
+    return math.sqrt(err_sq) / max(math.sqrt(w_sq), 1e-30)
+
+
 def _codes_torch(chunk: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int,
                  out: torch.Tensor) -> tuple[float, float]:
     """Codes of groups ``chunk [R, G, g]`` float32 under ``s``/``z [R, G]`` into ``out [R, G, g]`` uint8, and
@@ -267,8 +272,9 @@ def rtn_quantize_with_error(
     max_shrink: float = 0.8,
     norm: float = 2.4,
     chunk_rows: int = 2048,
-) -> tuple[PackedWeight, float]:
-    """:func:`rtn_quantize` plus its relative error ``||W - Q||_F / ||W||_F``.
+) -> tuple[PackedWeight, float, float]:
+    """:func:`rtn_quantize` plus its error sums ``(||W - Q||_F^2, ||W||_F^2)`` (float64 sums of float32
+    per-group sums; :func:`relative_error` of them is the report's relative error).
 
     The error comes from each chunk's codes and parameters while they are at hand (``(q - z) * s`` in
     float32, the format's dequantization), so a report never unpacks the whole stack again. Chunks of 2048
@@ -311,4 +317,4 @@ def rtn_quantize_with_error(
         bits=spec.bits,
         group_size=g,
     )
-    return packed, math.sqrt(err_sq) / max(math.sqrt(w_sq), 1e-30)
+    return packed, err_sq, w_sq

@@ -91,13 +91,41 @@ def test_vectorized_clip_search_matches_one_ratio_at_a_time(bits, sym):
 
 
 def test_reported_rtn_error_matches_dequantized_weights():
-    from moeq.quantizers.report import rel_error
-    from moeq.quantizers.rtn import rtn_quantize_with_error
+    from moeq.quantizers.rtn import relative_error, rtn_quantize_with_error
 
     w = torch.randn(3, 16, 128, generator=torch.Generator().manual_seed(0))
-    p, rel = rtn_quantize_with_error(w, WeightSpec(3, 64, False), torch.bfloat16, chunk_rows=7)
-    assert rel == pytest.approx(rel_error(w, p.dequantize(torch.float32)), rel=1e-5)
-    assert rel > 0.01
+    p, err_sq, w_sq = rtn_quantize_with_error(w, WeightSpec(3, 64, False), torch.bfloat16, chunk_rows=7)
+    deq = p.dequantize(torch.float32).double()
+    assert err_sq == pytest.approx(float((deq - w.double()).square().sum()), rel=1e-5)
+    assert w_sq == pytest.approx(float(w.double().square().sum()), rel=1e-6)
+    assert relative_error(err_sq, w_sq) == pytest.approx(float((deq - w).norm() / w.double().norm()), rel=1e-5)
+    assert relative_error(err_sq, w_sq) > 0.01
+
+
+def test_mixed_rtn_report_without_dequantizing_the_stack():
+    # per-expert specs: the layer's error from the experts' sums equals that of the dequantized stack
+    from moeq.config import QuantConfig
+    from moeq.methods import quantize_experts_rtn
+    from moeq.quantizers.report import QuantReport
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(3)
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(4, 64, 128, generator=g).to(torch.bfloat16))
+            self.down_proj = torch.nn.Parameter(torch.randn(4, 128, 32, generator=g).to(torch.bfloat16))
+
+    mod = Experts()
+    plan = {"gate_up": [2, 4, 3, 4], "down": [4, 8, 2, 3]}
+    cfg = QuantConfig(method="rtn", bits=4, group_size=32, expert_bits={"layer": plan})
+    report = QuantReport()
+    quantize_experts_rtn("layer", mod, cfg, report)
+    for rep, proj in zip(report.modules, ("gate_up", "down")):
+        w = getattr(mod, f"{proj}_proj").detach()
+        deq = torch.cat([rtn_quantize(w[e], cfg.spec_for("layer", proj, e), torch.bfloat16).dequantize(torch.float32)
+                         for e in range(4)]).double()
+        assert rep.rel_error == pytest.approx(float((deq - w.double()).norm() / w.double().norm()), rel=1e-5), proj
+        assert rep.rel_error > 0.01
 
 
 def _brute_force_params(w, spec, scale_dtype, norm):
