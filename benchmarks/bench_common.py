@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import os
 import platform
@@ -217,6 +218,16 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def write_result(out: Path, data: dict, title: str, meta: dict, body: Sequence[str]) -> str:
+    """Write ``out.json`` (``data``, indented) and ``out.md``: ``# title``, ``meta`` as a list, then the ``body``
+    lines; returns the markdown."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    text = "\n".join([f"# {title}", "", *[f"- {k}: {v}" for k, v in meta.items()], "", *body]) + "\n"
+    out.with_suffix(".md").write_text(text)
+    return text
 
 
 def header_md(title: str, header: dict) -> str:

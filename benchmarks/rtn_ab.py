@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import env_header, git_commit, md_table  # noqa: E402
+from bench_common import env_header, git_commit, md_table, write_result  # noqa: E402
 
 # the child: one checkout's layer timings and digest, as one JSON line
 _CHILD = r"""
@@ -81,16 +81,12 @@ def main() -> None:
         rows.append([str(r), git_commit(r), a.threads, len(t), t[0], t[len(t) // 2], t[-1]])
     meta = {**env_header(torch.device("cpu")), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "command": " ".join(sys.argv)}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"meta": meta, "times_s": times, "identical_bits": same,
               "digests": {k: sorted(v) for k, v in digests.items()}}
-    a.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["# RTN of one Qwen3-30B-A3B-shaped layer, checkouts side by side (W4 g128, MSE clip search)", "",
-             *[f"- {k}: {v}" for k, v in meta.items()], "",
-             md_table(["checkout", "commit", "threads", "runs", "min s", "median s", "max s"], rows), "",
-             f"Same packed tensors in every run: {same}"]
-    a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_result(a.out, result, "RTN of one Qwen3-30B-A3B-shaped layer, checkouts side by side (W4 g128, MSE "
+                       "clip search)", meta,
+                       [md_table(["checkout", "commit", "threads", "runs", "min s", "median s", "max s"], rows), "",
+                        f"Same packed tensors in every run: {same}"]), end="")
     if not same:
         raise SystemExit("the checkouts gave different packed tensors")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
 import platform
 import statistics
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import env_header, md_table  # noqa: E402
+from bench_common import env_header, md_table, write_result  # noqa: E402
 
 from moeq.config import QuantConfig  # noqa: E402
 from moeq.methods import quantize_experts_rtn  # noqa: E402
@@ -109,10 +108,10 @@ def main() -> None:
     for threads in a.threads:
         torch.set_num_threads(threads)
         settings = [(f"C screening ({kset})", True, full, True, "best", "auto")]
-        if kset != "avx512":  # the AVX-512 set estimates with the power only: this row would repeat the first
-            settings.append((f"C screening ({kset}, power estimates only)", True, full, True, "best", "power"))
-        if kset == "avx512":  # what a CPU with AVX2 and without AVX-512 runs (on this CPU's cores)
+        if kset == "avx512":  # its estimates are the power only; what a CPU with AVX2 and not AVX-512 runs instead
             settings.append(("C screening (avx2 kernels)", True, full, True, "avx2", "auto"))
+        else:
+            settings.append((f"C screening ({kset}, power estimates only)", True, full, True, "best", "power"))
         if kset != "portable":  # what a CPU without AVX2/AVX-512 (or not x86) runs
             settings.append(("C screening (portable kernels)", True, full, True, "portable", "auto"))
         settings += [("no clip search", True, full, False, "best", "auto"),
@@ -139,18 +138,14 @@ def main() -> None:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_start": load_start,
             "load_avg_end": os.getloadavg(), "command": " ".join(sys.argv), "repeats": a.repeats}
     counts = screening_counts(full)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(
-        {"meta": meta, "rows": rows, "raw_s": raw, "identical_bits": identical, "screening": counts}, indent=1) + "\n")
-    lines = ["# RTN of one Qwen3-30B-A3B-shaped experts layer (CPU, W4 g128 sym, bf16 weights and scales)", "",
-             *[f"- {k}: {v}" for k, v in meta.items()], "",
-             md_table(["setting", "threads", "min s per layer", "median s per layer"], rows), "",
-             (f"C and torch screening give identical packed tensors ({a.torch_experts} experts, default clip "
-              f"search): {identical}"), "",
-             "C screening per group (expert 0, gate_up rows 0-1023): " + ", ".join(
-                 f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in counts.items())]
-    a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    data = {"meta": meta, "rows": rows, "raw_s": raw, "identical_bits": identical, "screening": counts}
+    title = "RTN of one Qwen3-30B-A3B-shaped experts layer (CPU, W4 g128 sym, bf16 weights and scales)"
+    print(write_result(a.out, data, title, meta, [
+        md_table(["setting", "threads", "min s per layer", "median s per layer"], rows), "",
+        (f"C and torch screening give identical packed tensors ({a.torch_experts} experts, default clip "
+         f"search): {identical}"), "",
+        "C screening per group (expert 0, gate_up rows 0-1023): " + ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in counts.items())]), end="")
     if not identical:
         raise SystemExit("the C and torch screenings gave different packed tensors")
 

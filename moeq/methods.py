@@ -26,13 +26,14 @@ def quantize_experts_rtn(name: str, experts: nn.Module, config: QuantConfig, rep
     """RTN of one fused experts module into a :class:`QuantizedExperts` (or, under a mixed-precision plan, a
     :class:`MixedQuantizedExperts`) on the device of its weights."""
     scale_dtype = config.resolve_scale_dtype(experts.gate_up_proj.dtype)
+    mixed = config.is_mixed(name)
     parts = {}
     for proj, w in (("gate_up", experts.gate_up_proj.detach()), ("down", experts.down_proj.detach())):
         t0 = time.perf_counter()
         specs = [config.spec_for(name, proj, e) for e in range(w.shape[0])]
         args = (scale_dtype, config.w_clip, config.clip_grid, config.clip_max_shrink, config.clip_norm)
         # the error sums come with the quantization: no dequantized copy of the stack for the report
-        if config.is_mixed(name):  # one expert at a time, each with its own spec
+        if mixed:  # one expert at a time, each with its own spec
             outs = [rtn_quantize_with_error(w[e], s, *args) for e, s in enumerate(specs)]
             parts[proj] = [o[0] for o in outs]
             rel = relative_error(sum(o[1] for o in outs), sum(o[2] for o in outs))
@@ -41,7 +42,7 @@ def quantize_experts_rtn(name: str, experts: nn.Module, config: QuantConfig, rep
             parts[proj], rel = [p], relative_error(err_sq, w_sq)
         report.add(ModuleReport(f"{name}.{proj}", tuple(w.shape), specs[0].bits, parts[proj][0].group_size,
                                 rel, time.perf_counter() - t0))
-    if not config.is_mixed(name):  # one scheme: the stacks as they are (splitting and re-concatenating them
+    if not mixed:  # one scheme: the stacks as they are (splitting and re-concatenating them
         # per expert copied ~0.3 GB and took 0.5 s per Qwen3-30B-A3B-shaped layer)
         weights = ExpertWeights(parts["gate_up"][0], parts["down"][0], online_hadamard=config.online_hadamard)
         return QuantizedExperts.from_weights(weights, backend=config.backend)
